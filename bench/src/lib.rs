@@ -1,0 +1,1 @@
+//! Criterion benchmarks of ferry; see docs/benchmarks.md.

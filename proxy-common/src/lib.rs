@@ -1,0 +1,2 @@
+//! Types shared by ferry's eBPF programs and userspace.
+#![no_std]

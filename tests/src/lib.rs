@@ -1,0 +1,1 @@
+//! Network-namespace sandbox for ferry's kernel tests.
