@@ -1,3 +1,8 @@
 //! ferry: a kube-proxy replacement.
 //!
 //! Data flows `source → store → plan → backend → kernel`; see `docs/architecture.md`.
+
+pub mod model;
+pub mod plan;
+pub mod source;
+pub mod store;

@@ -1,0 +1,3 @@
+//! Sources feed the store: the Kubernetes API (kube-rs watchers) or a manifest directory.
+
+pub mod manifests;
