@@ -1,1 +1,28 @@
-fn main() {}
+use clap::Parser;
+use proxy::backend::nftables::{NftBackend, NftCommand};
+use proxy::backend::{Backend, BackendKind};
+use proxy::cli::{Cli, Command, render, run, trace};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Run(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(run::run(args))
+        }
+        Command::Render(args) => render::run(&args),
+        Command::Trace(args) => trace::run(&args),
+        Command::Cleanup(args) => match args.backend {
+            BackendKind::Nftables => {
+                NftBackend::new(Box::new(NftCommand::new())).cleanup()?;
+                Ok(())
+            }
+            other => anyhow::bail!("backend {other:?} is not available in this build"),
+        },
+    }
+}

@@ -98,6 +98,10 @@ pub struct ServicePortPlan {
     pub local_endpoints: Vec<SocketAddr>,
     /// Some usable endpoint exists anywhere; without one every frontend REJECTs.
     pub has_endpoints: bool,
+    /// Addresses of this node's endpoints among those in use. A connection from one of them
+    /// that lands back on itself (hairpin) must be masqueraded, or the pod would drop the reply
+    /// it sees coming from itself.
+    pub hairpin_ips: Vec<IpAddr>,
 }
 
 impl ServicePortPlan {
@@ -189,6 +193,13 @@ pub fn plan_service(svc: &Service, store: &Store, config: &NodeConfig) -> Vec<Se
             let uses_cluster = !svc.internal_policy_local || externally_accessible;
             let uses_local = svc.internal_policy_local || external_policy_local;
             let cat = categorize(&candidates, locality, uses_cluster, uses_local);
+            let mut hairpin_ips: Vec<IpAddr> = candidates
+                .iter()
+                .filter(|c| c.local && (cat.cluster.contains(&c.addr) || cat.local.contains(&c.addr)))
+                .map(|c| c.addr.ip())
+                .collect();
+            hairpin_ips.sort();
+            hairpin_ips.dedup();
             out.push(ServicePortPlan {
                 name,
                 family,
@@ -206,6 +217,7 @@ pub fn plan_service(svc: &Service, store: &Store, config: &NodeConfig) -> Vec<Se
                 cluster_endpoints: cat.cluster,
                 local_endpoints: cat.local,
                 has_endpoints: cat.has_any,
+                hairpin_ips,
             });
         }
     }

@@ -1,0 +1,52 @@
+//! Backends compile the plan into a data plane. Each one applies the difference between the
+//! last applied plan and the new one, and can re-apply everything to repair drift.
+
+pub mod nftables;
+
+use std::time::Duration;
+
+use crate::plan::{NodeConfig, Plan, PlanDiff};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Nftables,
+    Ebpf,
+    Ipvs,
+}
+
+/// How much a sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SyncReport {
+    pub full: bool,
+    /// Kernel objects (rules, set elements, map entries) written or deleted.
+    pub operations: usize,
+    #[serde(skip)]
+    pub duration: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("nftables: {0}")]
+    Nft(#[from] nftables::NftError),
+}
+
+/// A data plane.
+pub trait Backend: Send {
+    fn name(&self) -> &'static str;
+
+    /// What a full sync of `plan` would program, as text for people (`ferry render`).
+    fn render(&self, plan: &Plan, config: &NodeConfig) -> String;
+
+    /// Brings the kernel to `plan`. With `diff`, only what it names is touched; without, the
+    /// whole state is re-applied (first sync, periodic resync, after an error).
+    fn sync(
+        &mut self,
+        plan: &Plan,
+        diff: Option<&PlanDiff>,
+        config: &NodeConfig,
+    ) -> Result<SyncReport, BackendError>;
+
+    /// Removes everything this backend installed.
+    fn cleanup(&mut self) -> Result<(), BackendError>;
+}

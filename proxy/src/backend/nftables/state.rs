@@ -1,0 +1,395 @@
+//! What ferry believes is in its table for one family, and the transactions that change it.
+//!
+//! Elements are owned by service ports. Two ports may claim the same key (two Services listing
+//! the same external IP and port); the first owner's value is in force and the next one takes
+//! over when it goes, so a conflict never fails a transaction.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write;
+
+use super::compile::{self, Contribution, Element, OwnedChain, OwnedSet, PickChain, SetRef, Space};
+use super::family::Fam;
+use super::layout;
+use crate::plan::{NodeConfig, Plan, PortKey};
+
+pub const TABLE: &str = "ferry";
+
+#[derive(Debug)]
+pub struct FamilyState {
+    fam: Fam,
+    contributions: HashMap<PortKey, Contribution>,
+    owners: HashMap<(SetRef, String), Vec<(PortKey, Option<String>)>>,
+    pick_refs: HashMap<PickChain, usize>,
+    /// Endpoint slots created per key space (slot maps and chains `0..n`).
+    slots: BTreeMap<Space, usize>,
+    /// Plan-wide sets: cluster_ips, service_cidrs, pod_cidrs, nodeport_ips.
+    globals: BTreeMap<&'static str, BTreeSet<String>>,
+}
+
+/// One transaction being assembled, in the order the kernel needs: new objects before the
+/// elements that reference them, deletions of referenced objects after the references go.
+#[derive(Debug, Default)]
+pub struct Transaction {
+    slots_added: Vec<(Space, usize)>,
+    sets_added: Vec<OwnedSet>,
+    chains_written: Vec<(String, Vec<String>, bool)>,
+    elements_deleted: BTreeMap<SetRef, Vec<String>>,
+    elements_added: BTreeMap<SetRef, Vec<String>>,
+    chains_deleted: Vec<String>,
+    sets_deleted: Vec<String>,
+    pub operations: usize,
+}
+
+impl Transaction {
+    pub fn is_empty(&self) -> bool {
+        self.operations == 0
+    }
+
+    pub fn render(&self, fam: Fam, out: &mut String) {
+        let t = format!("{} {TABLE}", fam.ip);
+        for (space, i) in &self.slots_added {
+            let map = SetRef::Slot(*space, *i);
+            let chain = compile::slot_chain(*space, *i);
+            let _ = writeln!(out, "add map {t} {map} {{ {} }}", compile::slot_map_decl(*space, fam));
+            let _ = writeln!(out, "add chain {t} {chain}");
+            let _ = writeln!(out, "flush chain {t} {chain}");
+            let _ = writeln!(out, "add rule {t} {chain} {}", compile::slot_rule(*space, *i, fam));
+        }
+        for s in &self.sets_added {
+            let _ = writeln!(
+                out,
+                "add set {t} {} {{ type {}; flags dynamic,timeout; timeout {}s; }}",
+                s.name, fam.addr_type, s.timeout
+            );
+        }
+        for (name, rules, existed) in &self.chains_written {
+            let _ = writeln!(out, "add chain {t} {name}");
+            if *existed {
+                let _ = writeln!(out, "flush chain {t} {name}");
+            }
+            for r in rules {
+                let _ = writeln!(out, "add rule {t} {name} {r}");
+            }
+        }
+        for (set, keys) in &self.elements_deleted {
+            write_elements(out, "delete", &t, set, keys);
+        }
+        for (set, elems) in &self.elements_added {
+            write_elements(out, "add", &t, set, elems);
+        }
+        // Referencing chains go before the chains they jump to: pick chains, then affinity
+        // heads, then slot and per-endpoint chains.
+        let mut chains = self.chains_deleted.clone();
+        chains.sort_by_key(|c| {
+            let level = if c.starts_with("pick_") {
+                0
+            } else if c.starts_with("aff_") && c.len() == 20 {
+                1
+            } else {
+                2
+            };
+            (level, c.clone())
+        });
+        for c in chains {
+            let _ = writeln!(out, "delete chain {t} {c}");
+        }
+        for s in &self.sets_deleted {
+            let _ = writeln!(out, "delete set {t} {s}");
+        }
+    }
+}
+
+fn write_elements(out: &mut String, verb: &str, table: &str, set: &SetRef, items: &[String]) {
+    // Large element lists are split so one line stays a reasonable size for nft's parser.
+    for chunk in items.chunks(4096) {
+        let _ = writeln!(out, "{verb} element {table} {set} {{ {} }}", chunk.join(", "));
+    }
+}
+
+fn element_text(key: &str, value: &Option<String>) -> String {
+    match value {
+        Some(v) => format!("{key} : {v}"),
+        None => key.to_owned(),
+    }
+}
+
+impl FamilyState {
+    pub fn new(fam: Fam) -> Self {
+        Self {
+            fam,
+            contributions: HashMap::new(),
+            owners: HashMap::new(),
+            pick_refs: HashMap::new(),
+            slots: BTreeMap::new(),
+            globals: BTreeMap::new(),
+        }
+    }
+
+    pub fn fam(&self) -> Fam {
+        self.fam
+    }
+
+    /// Replaces the contribution of `port` (None removes it), recording the kernel changes.
+    pub fn set_port(&mut self, port: &PortKey, new: Option<Contribution>, tx: &mut Transaction) {
+        let old = self.contributions.remove(port).unwrap_or_default();
+        let present = new.is_some();
+        let new_c = new.unwrap_or_default();
+
+        // Owned sets (affinity): new before use, old after their chains are gone.
+        let old_sets: BTreeSet<&OwnedSet> = old.sets.iter().collect();
+        let new_sets: BTreeSet<&OwnedSet> = new_c.sets.iter().collect();
+        for s in new_sets.difference(&old_sets) {
+            tx.sets_added.push((*s).clone());
+            tx.operations += 1;
+        }
+        for s in old_sets.difference(&new_sets) {
+            if !new_c.sets.iter().any(|n| n.name == s.name) {
+                tx.sets_deleted.push(s.name.clone());
+                tx.operations += 1;
+            }
+        }
+        // Owned chains.
+        let old_chains: BTreeMap<&str, &OwnedChain> =
+            old.chains.iter().map(|c| (c.name.as_str(), c)).collect();
+        for c in &new_c.chains {
+            match old_chains.get(c.name.as_str()) {
+                Some(prev) if prev.rules == c.rules => {}
+                prev => {
+                    tx.chains_written.push((c.name.clone(), c.rules.clone(), prev.is_some()));
+                    tx.operations += c.rules.len();
+                }
+            }
+        }
+        for c in &old.chains {
+            if !new_c.chains.iter().any(|n| n.name == c.name) {
+                tx.chains_deleted.push(c.name.clone());
+                tx.operations += 1;
+            }
+        }
+        // Shared pick chains: created on first use, deleted after the last.
+        for p in &new_c.pick_chains {
+            let n = self.pick_refs.entry(*p).or_default();
+            *n += 1;
+            if *n == 1 && !old.pick_chains.contains(p) {
+                let have = self.slots.entry(p.space).or_default();
+                for i in *have..p.n {
+                    tx.slots_added.push((p.space, i));
+                    tx.operations += 1;
+                }
+                *have = (*have).max(p.n);
+                tx.chains_written.push((p.name(), vec![p.rule()], false));
+                tx.operations += 1;
+            }
+        }
+        for p in &old.pick_chains {
+            if let Some(n) = self.pick_refs.get_mut(p) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pick_refs.remove(p);
+                    tx.chains_deleted.push(p.name());
+                    tx.operations += 1;
+                }
+            }
+        }
+        // Elements.
+        let mut touched: BTreeSet<(SetRef, String)> = BTreeSet::new();
+        let before: HashMap<(SetRef, String), Option<Option<String>>> = old
+            .elements
+            .iter()
+            .chain(&new_c.elements)
+            .map(|e| ((e.set, e.key.clone()), self.effective(e.set, &e.key)))
+            .collect();
+        for e in &old.elements {
+            self.disown(port, e);
+            touched.insert((e.set, e.key.clone()));
+        }
+        for e in &new_c.elements {
+            self.own(port, e);
+            touched.insert((e.set, e.key.clone()));
+        }
+        for (set, key) in touched {
+            let was = before.get(&(set, key.clone())).cloned().flatten();
+            let now = self.effective(set, &key);
+            if was == now {
+                continue;
+            }
+            if was.is_some() {
+                tx.elements_deleted.entry(set).or_default().push(key.clone());
+                tx.operations += 1;
+            }
+            if let Some(v) = now {
+                tx.elements_added.entry(set).or_default().push(element_text(&key, &v));
+                tx.operations += 1;
+            }
+        }
+        if present {
+            self.contributions.insert(port.clone(), new_c);
+        }
+    }
+
+    /// The value in force for a key: `None` when absent, `Some(None)` for a set member.
+    fn effective(&self, set: SetRef, key: &str) -> Option<Option<String>> {
+        self.owners.get(&(set, key.to_owned())).and_then(|o| o.first()).map(|(_, v)| v.clone())
+    }
+
+    fn own(&mut self, port: &PortKey, e: &Element) {
+        self.owners.entry((e.set, e.key.clone())).or_default().push((port.clone(), e.value.clone()));
+    }
+
+    fn disown(&mut self, port: &PortKey, e: &Element) {
+        let k = (e.set, e.key.clone());
+        if let Some(list) = self.owners.get_mut(&k) {
+            if let Some(i) = list.iter().position(|(p, _)| p == port) {
+                list.remove(i);
+            }
+            if list.is_empty() {
+                self.owners.remove(&k);
+            }
+        }
+    }
+
+    /// Replaces a plan-wide set's members.
+    pub fn set_global(&mut self, set: &'static str, members: BTreeSet<String>, tx: &mut Transaction) {
+        let old = self.globals.remove(set).unwrap_or_default();
+        for gone in old.difference(&members) {
+            tx.elements_deleted.entry(SetRef::Fixed(set)).or_default().push(gone.clone());
+            tx.operations += 1;
+        }
+        for new in members.difference(&old) {
+            tx.elements_added.entry(SetRef::Fixed(set)).or_default().push(new.clone());
+            tx.operations += 1;
+        }
+        self.globals.insert(set, members);
+    }
+
+    /// A script that makes the kernel table equal to this state whatever it held before,
+    /// in one transaction: declarations are idempotent `add`s, static chains and non-dynamic
+    /// sets are flushed and refilled, affinity sets keep their entries, and objects ferry no
+    /// longer wants (`stale_chains`, `stale_sets`, read from the kernel) are deleted last.
+    pub fn full_script(&self, config: &NodeConfig, stale_chains: &[String], stale_sets: &[String]) -> String {
+        let fam = self.fam;
+        let t = format!("{} {TABLE}", fam.ip);
+        let mut out = String::new();
+        let _ = writeln!(out, "add table {t}");
+        for s in layout::sets(fam) {
+            let kind = if s.is_map { "map" } else { "set" };
+            let _ = writeln!(out, "add {kind} {t} {} {{ {} }}", s.name, s.body);
+            let _ = writeln!(out, "flush {kind} {t} {}", s.name);
+        }
+        let mut tx = Transaction::default();
+        let chains = layout::chains(fam, config);
+        // Declare every chain before any rule can jump to it.
+        for c in &chains {
+            match c.hook {
+                Some(h) => {
+                    let _ = writeln!(out, "add chain {t} {} {{ {h} }}", c.name);
+                }
+                None => {
+                    let _ = writeln!(out, "add chain {t} {}", c.name);
+                }
+            }
+        }
+        for c in &chains {
+            let _ = writeln!(out, "flush chain {t} {}", c.name);
+            for r in &c.rules {
+                let _ = writeln!(out, "add rule {t} {} {r}", c.name);
+            }
+        }
+        for (space, n) in self.wanted_slots() {
+            tx.slots_added.extend((0..n).map(|i| (space, i)));
+        }
+        let mut picks: Vec<&PickChain> = self.pick_refs.keys().collect();
+        picks.sort();
+        for p in picks {
+            tx.chains_written.push((p.name(), vec![p.rule()], true));
+        }
+        let mut ports: Vec<(&PortKey, &Contribution)> = self.contributions.iter().collect();
+        ports.sort_by(|a, b| a.0.cmp(b.0));
+        for (_, c) in ports {
+            tx.sets_added.extend(c.sets.iter().cloned());
+            for ch in &c.chains {
+                tx.chains_written.push((ch.name.clone(), ch.rules.clone(), true));
+            }
+        }
+        let mut elements: Vec<(&(SetRef, String), &Option<String>)> =
+            self.owners.iter().filter_map(|(k, v)| v.first().map(|(_, val)| (k, val))).collect();
+        elements.sort();
+        for ((set, key), value) in elements {
+            tx.elements_added.entry(*set).or_default().push(element_text(key, value));
+        }
+        for (set, members) in &self.globals {
+            tx.elements_added.entry(SetRef::Fixed(set)).or_default().extend(members.iter().cloned());
+        }
+        tx.chains_deleted = stale_chains.to_vec();
+        tx.sets_deleted = stale_sets.to_vec();
+        tx.render(fam, &mut out);
+        out
+    }
+
+    /// Names of every chain and set this state wants to exist.
+    pub fn wanted_names(&self, config: &NodeConfig) -> (BTreeSet<String>, BTreeSet<String>) {
+        let fam = self.fam;
+        let mut chains: BTreeSet<String> =
+            layout::chains(fam, config).iter().map(|c| c.name.to_owned()).collect();
+        chains.extend(self.pick_refs.keys().map(PickChain::name));
+        let mut sets: BTreeSet<String> = layout::sets(fam).iter().map(|s| s.name.to_owned()).collect();
+        for (space, n) in self.wanted_slots() {
+            chains.extend((0..n).map(|i| compile::slot_chain(space, i)));
+            sets.extend((0..n).map(|i| SetRef::Slot(space, i).to_string()));
+        }
+        for c in self.contributions.values() {
+            chains.extend(c.chains.iter().map(|c| c.name.clone()));
+            sets.extend(c.sets.iter().map(|s| s.name.clone()));
+        }
+        (chains, sets)
+    }
+
+    /// Slots each space needs: as many as its largest endpoint set.
+    fn wanted_slots(&self) -> BTreeMap<Space, usize> {
+        let mut out: BTreeMap<Space, usize> = BTreeMap::new();
+        for p in self.pick_refs.keys() {
+            let n = out.entry(p.space).or_default();
+            *n = (*n).max(p.n);
+        }
+        out
+    }
+
+    /// After a full sync the kernel holds exactly the wanted slots.
+    pub fn settle_slots(&mut self) {
+        self.slots = self.wanted_slots();
+    }
+
+    pub fn port_count(&self) -> usize {
+        self.contributions.len()
+    }
+
+    pub fn element_count(&self) -> usize {
+        self.owners.len() + self.globals.values().map(BTreeSet::len).sum::<usize>()
+    }
+}
+
+/// The plan-wide sets for a family.
+pub fn globals(plan: &Plan, fam: Fam, config: &NodeConfig) -> Vec<(&'static str, BTreeSet<String>)> {
+    let of_family = |ip: &std::net::IpAddr| crate::model::IpFamily::of(ip) == fam.family;
+    let nets = |nets: &mut dyn Iterator<Item = &ipnet::IpNet>| -> BTreeSet<String> {
+        let v: Vec<ipnet::IpNet> =
+            nets.filter(|n| crate::model::IpFamily::of_net(n) == fam.family).copied().collect();
+        ipnet::IpNet::aggregate(&v).iter().map(ToString::to_string).collect()
+    };
+    vec![
+        (
+            "cluster_ips",
+            plan.cluster_ips.iter().filter(|ip| of_family(ip)).map(ToString::to_string).collect(),
+        ),
+        ("service_cidrs", nets(&mut plan.service_cidrs.iter())),
+        ("pod_cidrs", nets(&mut config.cluster_cidrs.iter())),
+        (
+            "nodeport_ips",
+            if config.nodeport_addresses.is_empty() {
+                BTreeSet::new()
+            } else {
+                config.nodeport_ips(fam.family).iter().map(ToString::to_string).collect()
+            },
+        ),
+    ]
+}
