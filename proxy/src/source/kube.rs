@@ -122,12 +122,14 @@ pub async fn run_with(
         optional: true,
     };
     info!(node = %node_name, selector = LABEL_SELECTOR, "watching the Kubernetes API");
-    // A watch ends only when the receiver is gone, and then they all must.
+    // A watch ends only when the receiver is gone, and then they all must; `closed()` notices
+    // that even while every watch is quiet.
     let Closed = tokio::select! {
         closed = services.run(&options, &tx) => closed,
         closed = slices.run(&options, &tx) => closed,
         closed = node.run(&options, &tx) => closed,
         closed = cidrs.run(&options, &tx) => closed,
+        () = tx.closed() => Closed,
     };
     debug!("store channel closed; API watches stopped");
     Ok(())
