@@ -252,6 +252,8 @@ pub struct Planner {
     /// address twice, and it stays allocated until its last owner goes.
     ips_of_service: HashMap<ServiceKey, Vec<IpAddr>>,
     ip_owners: HashMap<IpAddr, u32>,
+    /// The first update plans everything: the config's service CIDRs, all services.
+    initialized: bool,
 }
 
 impl Planner {
@@ -265,7 +267,8 @@ impl Planner {
 
     /// Re-plans what `changes` names (everything when `changes.all`) and returns the difference.
     pub fn update(&mut self, store: &Store, config: &NodeConfig, changes: &Changes) -> PlanDiff {
-        if changes.all {
+        if changes.all || !self.initialized {
+            self.initialized = true;
             let new = build(store, config);
             let diff = PlanDiff::between(&self.plan, &new);
             self.plan = new;
@@ -343,3 +346,6 @@ impl Planner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
