@@ -1,1 +1,50 @@
-fn main() {}
+//! ferry's developer tasks: `cargo xtask <command>` (the alias is in `.cargo/config.toml`).
+//!
+//! Each command lives in its own module; add a module and a variant of [`Command`] for a new one.
+
+mod ebpf;
+mod setup;
+mod test;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask", about = "ferry's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Install the toolchain and the tools the build and tests need (idempotent).
+    Setup(setup::Args),
+    /// Build the eBPF object on its own (proxy's build script does the same).
+    BuildEbpf(ebpf::Args),
+    /// Run setup, then every unit and kernel test (needs root).
+    Test(test::Args),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Setup(args) => setup::run(&args),
+        Command::BuildEbpf(args) => ebpf::run(&args),
+        Command::Test(args) => test::run(&args),
+    };
+    // One line per cause, no backtrace: these errors are for people, not for debugging xtask.
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The root of the cargo workspace (xtask's parent directory).
+fn workspace_root() -> PathBuf {
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().map_or_else(|| manifest_dir.clone(), PathBuf::from)
+}

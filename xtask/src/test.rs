@@ -1,0 +1,36 @@
+//! `cargo xtask test`: the project's test command (README, CI). Runs setup first (idempotent,
+//! so a fresh machine works), then every unit and kernel test of the workspace.
+//!
+//! The kernel tests create network namespaces, veths and BPF programs, so they need root; this
+//! refuses to start without it rather than letting them skip or fail one by one.
+
+use std::{ffi::OsString, process::Command};
+
+use anyhow::{Context as _, Result, ensure};
+
+use crate::{setup, workspace_root};
+
+/// Options of `cargo xtask test`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Extra arguments for `cargo test` (e.g. `-p proxy`, or `-- name_filter`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub cargo_args: Vec<OsString>,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    ensure!(
+        setup::is_root()?,
+        "cargo xtask test runs kernel tests (network namespaces, BPF): run it as root"
+    );
+    setup::run(&setup::Args::default())?;
+
+    // The cargo that runs us, so `cargo +toolchain xtask test` keeps its toolchain.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root()).args(["test", "--workspace"]).args(&args.cargo_args);
+    println!("xtask test: {cmd:?}");
+    let status = cmd.status().context("starting cargo test")?;
+    ensure!(status.success(), "cargo test failed: {status}");
+    Ok(())
+}
