@@ -15,6 +15,7 @@ use crate::backend::nftables::{NftBackend, NftCommand};
 use crate::backend::{Backend, BackendKind};
 use crate::model::Kind;
 use crate::plan::Planner;
+use crate::source::kube as kube_source;
 use crate::source::manifests;
 use crate::store::{Store, StoreEvent};
 
@@ -23,8 +24,12 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "nftables")]
     pub backend: BackendKind,
     /// Read objects from this directory instead of the Kubernetes API.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
     pub manifests: Option<PathBuf>,
+    /// Kubeconfig to reach the API server; without it and without --manifests, the in-cluster
+    /// configuration (or $KUBECONFIG) is used.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
     #[command(flatten)]
     pub node: NodeFlags,
     /// Full resync interval: rewrites the whole state, repairing drift.
@@ -63,7 +68,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             tokio::spawn(manifests::follow(dir, Duration::from_millis(300), Duration::from_millis(200), tx));
             &[Kind::Service, Kind::EndpointSlice]
         }
-        None => anyhow::bail!("the Kubernetes API source is not wired in yet; use --manifests DIR"),
+        None => {
+            let client = kube_source::client(args.kubeconfig.as_deref()).await?;
+            let name = node_name.clone();
+            tokio::spawn(async move {
+                if let Err(e) = kube_source::run(client, name, tx).await {
+                    error!("Kubernetes API source stopped: {e:#}");
+                }
+            });
+            // kube-proxy waits for both before its first sync; the Node and ServiceCIDRs
+            // refine the plan when they arrive.
+            &[Kind::Service, Kind::EndpointSlice]
+        }
     };
     info!(backend = backend.name(), node = %config.node_name, "ferry starting");
 
