@@ -13,7 +13,8 @@ use crate::{setup, workspace_root};
 /// Options of `cargo xtask test`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Extra arguments for `cargo test` (e.g. `-p proxy`, or `-- name_filter`).
+    /// Extra arguments for `cargo test`: `-p <crate>` replaces `--workspace`; `-- <filter>`
+    /// selects tests by name.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub cargo_args: Vec<OsString>,
 }
@@ -28,7 +29,17 @@ pub fn run(args: &Args) -> Result<()> {
     // The cargo that runs us, so `cargo +toolchain xtask test` keeps its toolchain.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace_root()).args(["test", "--workspace"]).args(&args.cargo_args);
+    cmd.current_dir(workspace_root()).arg("test");
+    let selects_packages = args
+        .cargo_args
+        .iter()
+        .take_while(|arg| *arg != "--")
+        .filter_map(|arg| arg.to_str())
+        .any(|arg| arg.starts_with("-p") || arg.starts_with("--package"));
+    if !selects_packages {
+        cmd.arg("--workspace");
+    }
+    cmd.args(&args.cargo_args);
     println!("xtask test: {cmd:?}");
     let status = cmd.status().context("starting cargo test")?;
     ensure!(status.success(), "cargo test failed: {status}");
