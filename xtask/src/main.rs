@@ -2,6 +2,7 @@
 //!
 //! Each command lives in its own module; add a module and a variant of [`Command`] for a new one.
 
+mod demo;
 mod ebpf;
 mod setup;
 mod test;
@@ -25,6 +26,8 @@ enum Command {
     BuildEbpf(ebpf::Args),
     /// Run setup, then every unit and kernel test (needs root).
     Test(test::Args),
+    /// ferry's main job in a sandbox of network namespaces, with live manifest edits (needs root).
+    Demo(demo::Args),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
         Command::Setup(args) => setup::run(&args),
         Command::BuildEbpf(args) => ebpf::run(&args),
         Command::Test(args) => test::run(&args),
+        Command::Demo(args) => demo::run(&args),
     };
     // One line per cause, no backtrace: these errors are for people, not for debugging xtask.
     match result {

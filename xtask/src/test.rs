@@ -28,7 +28,18 @@ pub fn run(args: &Args) -> Result<()> {
 
     // The cargo that runs us, so `cargo +toolchain xtask test` keeps its toolchain.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // The kernel suites run the `ferry` binary in their namespaces; build it first so they
+    // test the code of this checkout, also with `-p ferry-sandbox`.
+    let status = Command::new(&cargo)
+        .current_dir(workspace_root())
+        .args(["build", "-p", "proxy", "--bin", "ferry"])
+        .status()
+        .context("building ferry")?;
+    ensure!(status.success(), "building ferry failed: {status}");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), std::path::PathBuf::from);
     let mut cmd = Command::new(cargo);
+    cmd.env("FERRY_BIN", target.join("debug/ferry"));
     cmd.current_dir(workspace_root()).arg("test");
     let selects_packages = args
         .cargo_args

@@ -296,10 +296,10 @@ impl Planner {
             }
         }
         for k in old {
-            if !fresh.contains_key(&k) {
-                if let Some(prev) = self.plan.ports.remove(&k) {
-                    diff.removed.push(prev);
-                }
+            if !fresh.contains_key(&k)
+                && let Some(prev) = self.plan.ports.remove(&k)
+            {
+                diff.removed.push(prev);
             }
         }
         for (k, p) in fresh {

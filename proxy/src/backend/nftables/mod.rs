@@ -126,12 +126,11 @@ fn kernel_names(
             serde_json::from_str(&json).map_err(|e| NftError::Listing(e.to_string()))?;
         for item in doc.get("nftables").and_then(|v| v.as_array()).into_iter().flatten() {
             for kind in ["chain", "set", "map"] {
-                if let Some(obj) = item.get(kind) {
-                    if obj.get("table").and_then(|t| t.as_str()) == Some(TABLE) {
-                        if let Some(name) = obj.get("name").and_then(|n| n.as_str()) {
-                            into.insert(name.to_owned());
-                        }
-                    }
+                if let Some(obj) = item.get(kind)
+                    && obj.get("table").and_then(|t| t.as_str()) == Some(TABLE)
+                    && let Some(name) = obj.get("name").and_then(|n| n.as_str())
+                {
+                    into.insert(name.to_owned());
                 }
             }
         }

@@ -14,11 +14,14 @@ use crate::plan::{NodeConfig, Plan, PortKey};
 
 pub const TABLE: &str = "ferry";
 
+/// Who claims a set element, with the value each claimant wants; the first one is in force.
+type Owners = HashMap<(SetRef, String), Vec<(PortKey, Option<String>)>>;
+
 #[derive(Debug)]
 pub struct FamilyState {
     fam: Fam,
     contributions: HashMap<PortKey, Contribution>,
-    owners: HashMap<(SetRef, String), Vec<(PortKey, Option<String>)>>,
+    owners: Owners,
     pick_refs: HashMap<PickChain, usize>,
     /// Endpoint slots created per key space (slot maps and chains `0..n`).
     slots: BTreeMap<Space, usize>,

@@ -1,0 +1,107 @@
+//! Control-plane benchmarks: plan build, incremental re-plan, nftables compilation.
+//!
+//! Run: `cargo bench -p ferry-bench --bench control_plane` (add `-- plan` to filter).
+//! Shapes follow kube-proxy's BenchmarkSyncProxyRules: ClusterIP services, one TCP port,
+//! 10 ready endpoints each. Every benchmark checks its output so a broken compiler can't look fast.
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use ferry_bench::{RecordingRunner, config, slice, store};
+use proxy::backend::Backend;
+use proxy::backend::nftables::NftBackend;
+use proxy::plan::{self, Planner};
+use proxy::store::StoreEvent;
+
+const SIZES: [usize; 3] = [1_000, 10_000, 50_000];
+const ENDPOINTS: usize = 10;
+
+fn plan_build(c: &mut Criterion) {
+    let mut g = c.benchmark_group("plan_build");
+    g.sample_size(10);
+    for n in SIZES {
+        let s = store(n, ENDPOINTS);
+        let cfg = config();
+        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
+            b.iter(|| {
+                let p = plan::build(black_box(&s), &cfg);
+                assert_eq!(p.ports.len(), n);
+                p
+            })
+        });
+    }
+}
+
+fn replan_one_endpoint_change(c: &mut Criterion) {
+    let mut g = c.benchmark_group("replan_one_endpoint_change");
+    for n in SIZES {
+        let mut s = store(n, ENDPOINTS);
+        let cfg = config();
+        let mut planner = Planner::new();
+        let initial = s.take_changes();
+        planner.update(&s, &cfg, &initial);
+        let mut generation = 0;
+        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                generation = (generation + 1) % 2;
+                s.handle(StoreEvent::Apply(slice(7, ENDPOINTS, generation)));
+                let changes = s.take_changes();
+                let diff = planner.update(&s, &cfg, &changes);
+                assert_eq!(diff.changed.len(), 1);
+                diff
+            })
+        });
+    }
+}
+
+fn nft_compile_full(c: &mut Criterion) {
+    let mut g = c.benchmark_group("nft_compile_full");
+    g.sample_size(10);
+    for n in SIZES {
+        let s = store(n, ENDPOINTS);
+        let cfg = config();
+        let p = plan::build(&s, &cfg);
+        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
+            b.iter(|| {
+                let runner = RecordingRunner::default();
+                let scripts = runner.scripts.clone();
+                let mut backend = NftBackend::new(Box::new(runner));
+                let report = backend.sync(&p, None, &cfg).expect("recording runner cannot fail");
+                assert!(report.operations >= n * (ENDPOINTS + 1));
+                let len = scripts.lock().map(|s| s[0].len()).unwrap_or(0);
+                assert!(len > n * 50, "script too short for {n} services");
+                len
+            })
+        });
+    }
+}
+
+fn nft_compile_incremental(c: &mut Criterion) {
+    let mut g = c.benchmark_group("nft_compile_one_endpoint_change");
+    for n in SIZES {
+        let mut s = store(n, ENDPOINTS);
+        let cfg = config();
+        let mut planner = Planner::new();
+        let initial = s.take_changes();
+        let diff = planner.update(&s, &cfg, &initial);
+        let mut backend = NftBackend::new(Box::new(RecordingRunner::default()));
+        backend.sync(planner.plan(), Some(&diff), &cfg).expect("recording runner cannot fail");
+        let mut generation = 0;
+        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                generation = (generation + 1) % 2;
+                s.handle(StoreEvent::Apply(slice(7, ENDPOINTS, generation)));
+                let changes = s.take_changes();
+                let diff = planner.update(&s, &cfg, &changes);
+                let report = backend.sync(planner.plan(), Some(&diff), &cfg).expect("no kernel");
+                // Every endpoint address moved: each of the 10 slot entries is replaced, and
+                // the hairpin set changes for the local ones.
+                assert!(report.operations >= ENDPOINTS && !report.full, "{report:?}");
+                report
+            })
+        });
+    }
+}
+
+criterion_group!(benches, plan_build, replan_one_endpoint_change, nft_compile_full, nft_compile_incremental);
+criterion_main!(benches);
