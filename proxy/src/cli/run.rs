@@ -133,7 +133,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     ports = planner.plan().ports.len(),
                     changed = diff.len(),
                     operations = report.operations,
-                    took_ms = report.duration.as_secs_f64() * 1e3,
+                    took_ms = (report.duration.as_secs_f64() * 1e4).round() / 10.0,
                     "synced"
                 );
                 if full_due {

@@ -254,6 +254,8 @@ pub struct Planner {
     ip_owners: HashMap<IpAddr, u32>,
     /// The first update plans everything: the config's service CIDRs, all services.
     initialized: bool,
+    /// Plan keys by service, so re-planning one service never scans the whole plan.
+    ports_of_service: HashMap<ServiceKey, Vec<PortKey>>,
 }
 
 impl Planner {
@@ -273,6 +275,10 @@ impl Planner {
             let diff = PlanDiff::between(&self.plan, &new);
             self.plan = new;
             self.ips_of_service = store.services().map(|s| (s.key.clone(), s.cluster_ips.clone())).collect();
+            self.ports_of_service.clear();
+            for k in self.plan.ports.keys() {
+                self.ports_of_service.entry(k.name.service.clone()).or_default().push(k.clone());
+            }
             self.ip_owners.clear();
             for ip in self.ips_of_service.values().flatten() {
                 *self.ip_owners.entry(*ip).or_default() += 1;
@@ -287,7 +293,7 @@ impl Planner {
     }
 
     fn replan_service(&mut self, key: &ServiceKey, store: &Store, config: &NodeConfig, diff: &mut PlanDiff) {
-        let old: Vec<PortKey> = self.plan.ports.keys().filter(|k| &k.name.service == key).cloned().collect();
+        let old: Vec<PortKey> = self.ports_of_service.remove(key).unwrap_or_default();
         let svc = store.service(key);
         let mut fresh: BTreeMap<PortKey, ServicePortPlan> = BTreeMap::new();
         if let Some(svc) = svc {
@@ -301,6 +307,9 @@ impl Planner {
             {
                 diff.removed.push(prev);
             }
+        }
+        if !fresh.is_empty() {
+            self.ports_of_service.insert(key.clone(), fresh.keys().cloned().collect());
         }
         for (k, p) in fresh {
             match self.plan.ports.get(&k) {

@@ -50,7 +50,7 @@ impl NftBackend {
             let fam = st.fam();
             let mut scratch = Transaction::default();
             for p in plan.family(fam.family) {
-                st.set_port(&key_of(p), Some(compile::compile(p, fam)), &mut scratch);
+                st.add_port_fresh(&key_of(p), compile::compile(p, fam));
             }
             for (set, members) in state::globals(plan, fam, config) {
                 st.set_global(set, members, &mut scratch);

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
+use std::sync::Arc;
 
 use super::compile::{self, Contribution, Element, OwnedChain, OwnedSet, PickChain, SetRef, Space};
 use super::family::Fam;
@@ -15,7 +16,7 @@ use crate::plan::{NodeConfig, Plan, PortKey};
 pub const TABLE: &str = "ferry";
 
 /// Who claims a set element, with the value each claimant wants; the first one is in force.
-type Owners = HashMap<(SetRef, String), Vec<(PortKey, Option<String>)>>;
+type Owners = HashMap<SetRef, HashMap<String, Vec<(Arc<PortKey>, Option<String>)>>>;
 
 #[derive(Debug)]
 pub struct FamilyState {
@@ -206,8 +207,9 @@ impl FamilyState {
             self.disown(port, e);
             touched.insert((e.set, e.key.clone()));
         }
+        let owner = Arc::new(port.clone());
         for e in &new_c.elements {
-            self.own(port, e);
+            self.own(&owner, e);
             touched.insert((e.set, e.key.clone()));
         }
         for (set, key) in touched {
@@ -232,23 +234,42 @@ impl FamilyState {
 
     /// The value in force for a key: `None` when absent, `Some(None)` for a set member.
     fn effective(&self, set: SetRef, key: &str) -> Option<Option<String>> {
-        self.owners.get(&(set, key.to_owned())).and_then(|o| o.first()).map(|(_, v)| v.clone())
+        self.owners.get(&set).and_then(|m| m.get(key)).and_then(|o| o.first()).map(|(_, v)| v.clone())
     }
 
-    fn own(&mut self, port: &PortKey, e: &Element) {
-        self.owners.entry((e.set, e.key.clone())).or_default().push((port.clone(), e.value.clone()));
+    fn own(&mut self, port: &Arc<PortKey>, e: &Element) {
+        self.owners
+            .entry(e.set)
+            .or_default()
+            .entry(e.key.clone())
+            .or_default()
+            .push((port.clone(), e.value.clone()));
     }
 
     fn disown(&mut self, port: &PortKey, e: &Element) {
-        let k = (e.set, e.key.clone());
-        if let Some(list) = self.owners.get_mut(&k) {
-            if let Some(i) = list.iter().position(|(p, _)| p == port) {
+        if let Some(m) = self.owners.get_mut(&e.set)
+            && let Some(list) = m.get_mut(&e.key)
+        {
+            if let Some(i) = list.iter().position(|(p, _)| **p == *port) {
                 list.remove(i);
             }
             if list.is_empty() {
-                self.owners.remove(&k);
+                m.remove(&e.key);
             }
         }
+    }
+
+    /// Adds a port to a fresh state without recording kernel changes: the full sync that
+    /// follows writes everything anyway, and skipping the bookkeeping keeps it fast.
+    pub fn add_port_fresh(&mut self, port: &PortKey, c: Contribution) {
+        let owner = Arc::new(port.clone());
+        for e in &c.elements {
+            self.own(&owner, e);
+        }
+        for p in &c.pick_chains {
+            *self.pick_refs.entry(*p).or_default() += 1;
+        }
+        self.contributions.insert(port.clone(), c);
     }
 
     /// Replaces a plan-wide set's members.
@@ -314,11 +335,13 @@ impl FamilyState {
                 tx.chains_written.push((ch.name.clone(), ch.rules.clone(), true));
             }
         }
-        let mut elements: Vec<(&(SetRef, String), &Option<String>)> =
-            self.owners.iter().filter_map(|(k, v)| v.first().map(|(_, val)| (k, val))).collect();
-        elements.sort();
-        for ((set, key), value) in elements {
-            tx.elements_added.entry(*set).or_default().push(element_text(key, value));
+        for (set, members) in &self.owners {
+            let mut elements: Vec<String> = members
+                .iter()
+                .filter_map(|(key, owners)| owners.first().map(|(_, value)| element_text(key, value)))
+                .collect();
+            elements.sort_unstable();
+            tx.elements_added.entry(*set).or_default().extend(elements);
         }
         for (set, members) in &self.globals {
             tx.elements_added.entry(SetRef::Fixed(set)).or_default().extend(members.iter().cloned());
@@ -367,7 +390,8 @@ impl FamilyState {
     }
 
     pub fn element_count(&self) -> usize {
-        self.owners.len() + self.globals.values().map(BTreeSet::len).sum::<usize>()
+        self.owners.values().map(HashMap::len).sum::<usize>()
+            + self.globals.values().map(BTreeSet::len).sum::<usize>()
     }
 }
 
