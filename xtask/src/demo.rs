@@ -34,10 +34,9 @@ pub fn run(args: &Args) -> Result<()> {
     let sb = Sandbox::new("demo")?;
     let cluster =
         Cluster::build(&sb, &ClusterSpec { local_pods: 3, remote_pods: 0, responder_port: Some(8080) })?;
-    // Node-originated connections to ClusterIPs need a route; it stays inside the sandbox.
-    cluster.node.ns.ip(&["link", "add", "svc0", "type", "dummy"])?;
-    cluster.node.ns.ip(&["link", "set", "svc0", "up"])?;
-    cluster.node.ns.route_dev(&cluster.service_cidr4.to_string(), "svc0")?;
+    // Node-originated connections to ClusterIPs need some route before DNAT re-routes them;
+    // it stays inside the node's namespace.
+    cluster.node.ns.route_dev(&cluster.service_cidr4.to_string(), "lo")?;
 
     let dir = tempdir()?;
     for f in ["node.yaml", "web.yaml"] {
@@ -131,7 +130,7 @@ fn scale_down(yaml: &str) -> String {
         if line.starts_with("endpoints:") {
             in_endpoints = true;
             kept = 0;
-        } else if !line.starts_with(' ') && !line.starts_with('-') {
+        } else if !line.starts_with(' ') && !line.starts_with("- ") {
             in_endpoints = false;
         }
         if in_endpoints && line.starts_with("- addresses:") {
