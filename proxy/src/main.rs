@@ -1,8 +1,7 @@
 use std::io::IsTerminal;
 
 use clap::Parser;
-use proxy::backend::nftables::{NftBackend, NftCommand};
-use proxy::backend::{Backend, BackendKind};
+use proxy::backend::{self, BackendOptions};
 use proxy::cli::{Cli, Command, render, run, trace};
 use tracing_subscriber::EnvFilter;
 
@@ -20,12 +19,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Render(args) => render::run(&args),
         Command::Trace(args) => trace::run(&args),
-        Command::Cleanup(args) => match args.backend {
-            BackendKind::Nftables => {
-                NftBackend::new(Box::new(NftCommand::new())).cleanup()?;
-                Ok(())
-            }
-            other => anyhow::bail!("backend {other:?} is not available in this build"),
-        },
+        Command::Cleanup(args) => {
+            backend::build(args.backend, &BackendOptions::default())?.cleanup()?;
+            Ok(())
+        }
     }
 }

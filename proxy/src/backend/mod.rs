@@ -29,6 +29,27 @@ pub struct SyncReport {
 pub enum BackendError {
     #[error("nftables: {0}")]
     Nft(#[from] nftables::NftError),
+    #[error("backend {0:?} is not available in this build (see README, \"Not done yet\")")]
+    Unavailable(BackendKind),
+}
+
+/// What a backend needs to know about the node beyond the plan (from `ferry run`'s flags).
+#[derive(Debug, Clone, Default)]
+pub struct BackendOptions {
+    /// Run `nft` inside this named network namespace (tests, benchmarks); None: ferry's own.
+    pub netns: Option<String>,
+}
+
+/// Creates the backend `kind`; the one place that knows which backends exist.
+pub fn build(kind: BackendKind, options: &BackendOptions) -> Result<Box<dyn Backend>, BackendError> {
+    let nft = || match &options.netns {
+        Some(ns) => nftables::NftCommand::in_netns(ns),
+        None => nftables::NftCommand::new(),
+    };
+    match kind {
+        BackendKind::Nftables => Ok(Box::new(nftables::NftBackend::new(Box::new(nft())))),
+        other => Err(BackendError::Unavailable(other)),
+    }
 }
 
 /// A data plane.

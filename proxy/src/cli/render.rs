@@ -5,8 +5,7 @@ use std::fmt::Write;
 use clap::Args;
 
 use super::{ManifestArgs, NodeFlags};
-use crate::backend::nftables::{NftBackend, NftCommand};
-use crate::backend::{Backend, BackendKind};
+use crate::backend::{self, BackendKind, BackendOptions};
 use crate::plan::{self, Plan};
 use crate::source::manifests;
 use crate::store::Store;
@@ -34,13 +33,9 @@ pub fn run(args: &RenderArgs) -> anyhow::Result<()> {
     if args.plan_only {
         return Ok(());
     }
-    match args.backend {
-        BackendKind::Nftables => {
-            println!("\n# nftables transaction ferry would apply (nft -f):");
-            print!("{}", NftBackend::new(Box::new(NftCommand::new())).render(&plan, &config));
-        }
-        other => anyhow::bail!("backend {other:?} is not available in this build (see README: not done yet)"),
-    }
+    let backend = backend::build(args.backend, &BackendOptions::default())?;
+    println!("\n# {} program ferry would apply:", backend.name());
+    print!("{}", backend.render(&plan, &config));
     Ok(())
 }
 

@@ -11,8 +11,7 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{error, info, warn};
 
 use super::NodeFlags;
-use crate::backend::nftables::{NftBackend, NftCommand};
-use crate::backend::{Backend, BackendKind};
+use crate::backend::{self, BackendKind, BackendOptions};
 use crate::model::Kind;
 use crate::plan::Planner;
 use crate::source::kube as kube_source;
@@ -56,10 +55,7 @@ pub fn humantime_duration(s: &str) -> Result<Duration, String> {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let node_name = args.node.node_name.clone().context("--node-name is required")?;
     let config = args.node.to_config(Some(&node_name))?;
-    let mut backend: Box<dyn Backend> = match args.backend {
-        BackendKind::Nftables => Box::new(NftBackend::new(Box::new(NftCommand::new()))),
-        other => anyhow::bail!("backend {other:?} is not available in this build (see README)"),
-    };
+    let mut backend = backend::build(args.backend, &BackendOptions::default())?;
     let (tx, mut rx) = mpsc::channel::<StoreEvent>(1024);
     let required: &[Kind] = match &args.manifests {
         Some(dir) => {

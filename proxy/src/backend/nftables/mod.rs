@@ -121,7 +121,8 @@ fn kernel_names(
     let mut chains = BTreeSet::new();
     let mut sets = BTreeSet::new();
     for (what, into) in [("chains", &mut chains), ("sets", &mut sets)] {
-        let json = runner.list_json(&["list", what, fam.ip])?;
+        // Terse (-t): names and declarations only; listing 100k elements would take seconds.
+        let json = runner.list_json(&["-t", "list", what, fam.ip])?;
         let doc: serde_json::Value =
             serde_json::from_str(&json).map_err(|e| NftError::Listing(e.to_string()))?;
         for item in doc.get("nftables").and_then(|v| v.as_array()).into_iter().flatten() {
