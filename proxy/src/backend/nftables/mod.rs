@@ -120,7 +120,8 @@ fn kernel_names(
 ) -> Result<(BTreeSet<String>, BTreeSet<String>), NftError> {
     let mut chains = BTreeSet::new();
     let mut sets = BTreeSet::new();
-    for (what, into) in [("chains", &mut chains), ("sets", &mut sets)] {
+    for what in ["chains", "sets", "maps"] {
+        let into = if what == "chains" { &mut chains } else { &mut sets };
         // Terse (-t): names and declarations only; listing 100k elements would take seconds.
         let json = runner.list_json(&["-t", "list", what, fam.ip])?;
         let doc: serde_json::Value =
