@@ -47,7 +47,9 @@ pub fn build(kind: BackendKind, options: &BackendOptions) -> Result<Box<dyn Back
         None => nftables::NftCommand::new(),
     };
     match kind {
-        BackendKind::Nftables => Ok(Box::new(nftables::NftBackend::new(Box::new(nft())))),
+        BackendKind::Nftables => {
+            Ok(Box::new(nftables::NftBackend::with_netlink(Box::new(nft()), options.netns.clone())))
+        }
         other => Err(BackendError::Unavailable(other)),
     }
 }

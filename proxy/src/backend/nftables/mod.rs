@@ -3,6 +3,7 @@
 pub mod compile;
 pub mod family;
 pub mod layout;
+pub mod netlink;
 pub mod runner;
 pub mod state;
 
@@ -25,10 +26,18 @@ pub enum NftError {
     Rejected { stderr: String },
     #[error("cannot read nft's listing: {0}")]
     Listing(String),
+    #[error("netlink: {0}")]
+    Netlink(std::io::Error),
 }
+
+/// Element changes of one family: sets to flush, then (set, keys to delete, elements to add).
+type FamilyBatch = (Fam, Vec<String>, Vec<(String, Vec<String>, Vec<String>)>);
 
 pub struct NftBackend {
     runner: Box<dyn NftRunner>,
+    /// Writes set elements over netlink; None: everything goes through `nft` (render, tests
+    /// without a kernel).
+    elements: Option<ElementPath>,
     families: [FamilyState; 2],
     /// False until a full sync succeeded, and again after a failed transaction: the kernel may
     /// then differ from what ferry believes, so the next sync rewrites everything.
@@ -36,12 +45,49 @@ pub struct NftBackend {
 }
 
 impl NftBackend {
+    /// A backend that sends everything, elements included, as `nft` scripts.
     pub fn new(runner: Box<dyn NftRunner>) -> Self {
         Self {
             runner,
+            elements: None,
             families: [FamilyState::new(family::V4), FamilyState::new(family::V6)],
             in_sync: false,
         }
+    }
+
+    /// The production backend: structure through `nft`, set elements over netlink, in the
+    /// current network namespace or the named one.
+    pub fn with_netlink(runner: Box<dyn NftRunner>, netns: Option<String>) -> Self {
+        let mut b = Self::new(runner);
+        b.elements = Some(ElementPath { netns, writer: None });
+        b
+    }
+
+    /// Runs a three-step change: `before` (nft), element ops per family (netlink), `after`.
+    fn apply_split(&mut self, before: &str, batches: &[FamilyBatch], after: &str) -> Result<(), NftError> {
+        if !before.is_empty() {
+            self.runner.apply(before)?;
+        }
+        if let Some(path) = &mut self.elements {
+            let writer = path.writer()?;
+            for (fam, flush, sets) in batches {
+                let mut ops: Vec<netlink::Op<'_>> =
+                    flush.iter().map(|set| netlink::Op::Flush { set }).collect();
+                for (set, keys, _) in sets.iter().filter(|(_, k, _)| !k.is_empty()) {
+                    ops.push(netlink::Op::Delete { set, keys });
+                }
+                for (set, _, elements) in sets.iter().filter(|(_, _, e)| !e.is_empty()) {
+                    ops.push(netlink::Op::Add { set, elements });
+                }
+                if !ops.is_empty() {
+                    writer.apply(fam.ip, TABLE, &ops)?;
+                }
+            }
+        }
+        if !after.is_empty() {
+            self.runner.apply(after)?;
+        }
+        Ok(())
     }
 
     fn rebuild(&mut self, plan: &Plan, config: &NodeConfig) {
@@ -60,7 +106,9 @@ impl NftBackend {
 
     fn full_sync(&mut self, plan: &Plan, config: &NodeConfig) -> Result<usize, NftError> {
         self.rebuild(plan, config);
-        let mut script = String::new();
+        let netlink = self.elements.is_some();
+        let (mut before, mut after) = (String::new(), String::new());
+        let mut batches = Vec::new();
         for i in 0..self.families.len() {
             let fam = self.families[i].fam();
             let (have_chains, have_sets) = kernel_names(self.runner.as_mut(), fam)?;
@@ -68,9 +116,17 @@ impl NftBackend {
             let (want_chains, want_sets) = st.wanted_names(config);
             let stale_chains: Vec<String> = have_chains.difference(&want_chains).cloned().collect();
             let stale_sets: Vec<String> = have_sets.difference(&want_sets).cloned().collect();
-            script.push_str(&st.full_script(config, &stale_chains, &stale_sets));
+            let (split, flush) = st.full_split(config, &stale_chains, &stale_sets, netlink);
+            before.push_str(&split.before);
+            after.push_str(&split.after);
+            batches.push((fam, flush, split.netlink));
         }
-        self.runner.apply(&script)?;
+        if netlink {
+            self.apply_split(&before, &batches, &after)?;
+        } else {
+            before.push_str(&after);
+            self.runner.apply(&before)?;
+        }
         for st in &mut self.families {
             st.settle_slots();
         }
@@ -78,7 +134,9 @@ impl NftBackend {
     }
 
     fn partial_sync(&mut self, diff: &PlanDiff, plan: &Plan, config: &NodeConfig) -> Result<usize, NftError> {
-        let mut script = String::new();
+        let netlink = self.elements.is_some();
+        let (mut before, mut after) = (String::new(), String::new());
+        let mut batches = Vec::new();
         let mut operations = 0;
         for st in &mut self.families {
             let fam = st.fam();
@@ -102,14 +160,32 @@ impl NftBackend {
             }
             operations += tx.operations;
             if !tx.is_empty() {
-                tx.render(fam, &mut script);
+                let split = tx.split(fam, netlink);
+                before.push_str(&split.before);
+                after.push_str(&split.after);
+                batches.push((fam, Vec::new(), split.netlink));
             }
         }
-        if !script.is_empty() {
+        if operations > 0 {
             debug!(operations, "nftables partial sync");
-            self.runner.apply(&script)?;
+            self.apply_split(&before, &batches, &after)?;
         }
         Ok(operations)
+    }
+}
+
+/// The netlink socket, opened on first use (so `render` never needs one).
+struct ElementPath {
+    netns: Option<String>,
+    writer: Option<netlink::ElementWriter>,
+}
+
+impl ElementPath {
+    fn writer(&mut self) -> Result<&mut netlink::ElementWriter, NftError> {
+        if self.writer.is_none() {
+            self.writer = Some(netlink::ElementWriter::new(self.netns.as_deref())?);
+        }
+        self.writer.as_mut().ok_or_else(|| NftError::Netlink(std::io::Error::other("no netlink socket")))
     }
 }
 

@@ -49,8 +49,20 @@ impl Transaction {
         self.operations == 0
     }
 
+    /// The whole transaction as one nft script.
     pub fn render(&self, fam: Fam, out: &mut String) {
+        let parts = self.split(fam, false);
+        out.push_str(&parts.before);
+        out.push_str(&parts.after);
+    }
+
+    /// The transaction in three steps. With `netlink`, elements of exact-match sets are left
+    /// out of the scripts for [`super::netlink`] to write in between: `before` creates what the
+    /// elements will reference, `after` removes what they no longer reference. Interval sets
+    /// stay in the scripts (added before, removed after).
+    pub fn split(&self, fam: Fam, netlink: bool) -> Split {
         let t = format!("{} {TABLE}", fam.ip);
+        let mut out = String::new();
         for (space, i) in &self.slots_added {
             let map = SetRef::Slot(*space, *i);
             let chain = compile::slot_chain(*space, *i);
@@ -75,11 +87,31 @@ impl Transaction {
                 let _ = writeln!(out, "add rule {t} {name} {r}");
             }
         }
-        for (set, keys) in &self.elements_deleted {
-            write_elements(out, "delete", &t, set, keys);
+        let mut split = Split::default();
+        let by_netlink = |set: &SetRef| netlink && !is_interval(set);
+        if !netlink {
+            for (set, keys) in &self.elements_deleted {
+                write_elements(&mut out, "delete", &t, set, keys);
+            }
         }
         for (set, elems) in &self.elements_added {
-            write_elements(out, "add", &t, set, elems);
+            if !by_netlink(set) {
+                write_elements(&mut out, "add", &t, set, elems);
+            }
+        }
+        split.before = out;
+        let mut out = String::new();
+        for (set, keys) in &self.elements_deleted {
+            if by_netlink(set) {
+                split.netlink.push((set.to_string(), keys.clone(), Vec::new()));
+            } else if netlink {
+                write_elements(&mut out, "delete", &t, set, keys);
+            }
+        }
+        for (set, elems) in &self.elements_added {
+            if by_netlink(set) {
+                split.netlink.push((set.to_string(), Vec::new(), elems.clone()));
+            }
         }
         // Referencing chains go before the chains they jump to: pick chains, then affinity
         // heads, then slot and per-endpoint chains.
@@ -100,7 +132,23 @@ impl Transaction {
         for s in &self.sets_deleted {
             let _ = writeln!(out, "delete set {t} {s}");
         }
+        split.after = out;
+        split
     }
+}
+
+/// A transaction cut for the netlink path; see [`Transaction::split`].
+#[derive(Debug, Default)]
+pub struct Split {
+    pub before: String,
+    /// (set, keys to delete, elements to add): deletes of all sets go before adds.
+    pub netlink: Vec<(String, Vec<String>, Vec<String>)>,
+    pub after: String,
+}
+
+/// Sets whose elements are ranges; nft computes their intervals, so they stay with nft.
+pub fn is_interval(set: &SetRef) -> bool {
+    matches!(set, SetRef::Fixed("service_cidrs" | "pod_cidrs" | "firewall_allow"))
 }
 
 fn write_elements(out: &mut String, verb: &str, table: &str, set: &SetRef, items: &[String]) {
@@ -291,14 +339,33 @@ impl FamilyState {
     /// sets are flushed and refilled, affinity sets keep their entries, and objects ferry no
     /// longer wants (`stale_chains`, `stale_sets`, read from the kernel) are deleted last.
     pub fn full_script(&self, config: &NodeConfig, stale_chains: &[String], stale_sets: &[String]) -> String {
+        let (split, _) = self.full_split(config, stale_chains, stale_sets, false);
+        split.before + &split.after
+    }
+
+    /// [`Self::full_script`] cut for the netlink path; also returns the sets the netlink batch
+    /// must flush before refilling them (in the same kernel transaction as the refill, so
+    /// no packet sees them empty).
+    pub fn full_split(
+        &self,
+        config: &NodeConfig,
+        stale_chains: &[String],
+        stale_sets: &[String],
+        netlink: bool,
+    ) -> (Split, Vec<String>) {
         let fam = self.fam;
         let t = format!("{} {TABLE}", fam.ip);
         let mut out = String::new();
+        let mut flush_by_netlink = Vec::new();
         let _ = writeln!(out, "add table {t}");
         for s in layout::sets(fam) {
             let kind = if s.is_map { "map" } else { "set" };
             let _ = writeln!(out, "add {kind} {t} {} {{ {} }}", s.name, s.body);
-            let _ = writeln!(out, "flush {kind} {t} {}", s.name);
+            if netlink && !is_interval(&SetRef::Fixed(s.name)) {
+                flush_by_netlink.push(s.name.to_owned());
+            } else {
+                let _ = writeln!(out, "flush {kind} {t} {}", s.name);
+            }
         }
         let mut tx = Transaction::default();
         let chains = layout::chains(fam, config);
@@ -321,6 +388,9 @@ impl FamilyState {
         }
         for (space, n) in self.wanted_slots() {
             tx.slots_added.extend((0..n).map(|i| (space, i)));
+            if netlink {
+                flush_by_netlink.extend((0..n).map(|i| SetRef::Slot(space, i).to_string()));
+            }
         }
         let mut picks: Vec<&PickChain> = self.pick_refs.keys().collect();
         picks.sort();
@@ -348,8 +418,10 @@ impl FamilyState {
         }
         tx.chains_deleted = stale_chains.to_vec();
         tx.sets_deleted = stale_sets.to_vec();
-        tx.render(fam, &mut out);
-        out
+        let mut split = tx.split(fam, netlink);
+        out.push_str(&split.before);
+        split.before = out;
+        (split, flush_by_netlink)
     }
 
     /// Names of every chain and set this state wants to exist.
