@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use serde::Deserialize;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
@@ -32,15 +31,38 @@ pub enum ManifestError {
 /// skipped (with a debug line); anything malformed fails the whole file.
 pub fn parse_file(file: &Path, text: &str) -> Result<Vec<Object>, ManifestError> {
     let mut out = Vec::new();
-    for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+    for (index, doc) in documents(text).into_iter().enumerate() {
         let err = |reason: String| ManifestError::Document { file: file.to_owned(), document: index, reason };
-        let value = serde_yaml_ng::Value::deserialize(doc).map_err(|e| err(e.to_string()))?;
+        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(doc).map_err(|e| err(e.to_string()))?;
         if value.is_null() {
             continue;
         }
         collect(value, &mut out).map_err(err)?;
     }
     Ok(out)
+}
+
+/// Splits a multi-document stream at `---` lines, so each document is parsed on its own: the
+/// YAML parser reads a whole stream into memory before yielding the first document, which for
+/// a 10,000-service file costs hundreds of MiB. Text before a leading `---` that holds nothing
+/// is not a document.
+fn documents(text: &str) -> Vec<&str> {
+    let mut bounds = vec![0];
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end();
+        if (bare == "---" || bare.starts_with("--- ")) && offset > 0 {
+            bounds.push(offset);
+        }
+        offset += line.len();
+    }
+    bounds.push(text.len());
+    let mut docs: Vec<&str> = bounds.windows(2).map(|w| &text[w[0]..w[1]]).collect();
+    let only_comments = |d: &str| d.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
+    if docs.len() > 1 && docs.first().is_some_and(|d| only_comments(d)) {
+        docs.remove(0);
+    }
+    docs
 }
 
 fn collect(value: serde_yaml_ng::Value, out: &mut Vec<Object>) -> Result<(), String> {
@@ -213,6 +235,18 @@ mod tests {
         let text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: a, namespace: d}\n  spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n---\n";
         let objs = parse_file(Path::new("f.yaml"), text).unwrap();
         assert_eq!(objs.len(), 1);
+    }
+
+    #[test]
+    fn documents_split_at_markers_like_the_yaml_stream() {
+        assert_eq!(documents("a: 1\n---\nb: 2\n"), vec!["a: 1\n", "---\nb: 2\n"]);
+        assert_eq!(documents("---\na: 1\n---\nb: 2\n").len(), 2);
+        assert_eq!(
+            documents("# c\n---\na: 1\n").len(),
+            1,
+            "a comment before the first marker is no document"
+        );
+        assert_eq!(documents("a: |\n  x\n  ---\n").len(), 1, "indented --- is content");
     }
 
     #[test]
