@@ -2,9 +2,15 @@
 //!
 //! Data flows `source → store → plan → backend → kernel`; see `docs/architecture.md`.
 
+pub mod admin;
 pub mod backend;
 pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod ebpf_object;
+pub mod health;
+pub mod httpd;
+pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod source;

@@ -2,7 +2,7 @@ use std::io::IsTerminal;
 
 use clap::Parser;
 use proxy::backend::{self, BackendOptions};
-use proxy::cli::{Cli, Command, render, run, trace};
+use proxy::cli::{Cli, Command, render, run, status, trace};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
@@ -19,6 +19,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Render(args) => render::run(&args),
         Command::Trace(args) => trace::run(&args),
+        Command::Status(args) => status::run(&args),
         Command::Cleanup(args) => {
             backend::build(args.backend, &BackendOptions::default())?.cleanup()?;
             Ok(())

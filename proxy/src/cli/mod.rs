@@ -2,6 +2,7 @@
 
 pub mod render;
 pub mod run;
+pub mod status;
 pub mod trace;
 
 use std::net::IpAddr;
@@ -12,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::backend::BackendKind;
+use crate::config::{NodePortAddress, resolve_node_port_addresses};
 use crate::model::{parse_cidr_sloppy, parse_ip_sloppy};
 use crate::plan::NodeConfig;
 
@@ -36,6 +38,8 @@ pub enum Command {
     Trace(trace::TraceArgs),
     /// Remove everything ferry installed on this node.
     Cleanup(CleanupArgs),
+    /// What the running daemon has programmed, and its last syncs.
+    Status(status::StatusArgs),
 }
 
 #[derive(Debug, Args)]
@@ -50,21 +54,23 @@ pub struct NodeFlags {
     /// This node's name (endpoints with this nodeName are local).
     #[arg(long)]
     pub node_name: Option<String>,
-    /// An address of this node; repeat for every address (dual-stack: one per family at least).
-    #[arg(long = "node-ip", value_name = "IP")]
+    /// An address of this node; repeat (or separate with commas) for every address
+    /// (dual-stack: one per family at least).
+    #[arg(long = "node-ip", value_name = "IP", value_delimiter = ',')]
     pub node_ips: Vec<String>,
-    /// Pod CIDR of the cluster, the local-traffic detector; repeat per family.
-    #[arg(long = "cluster-cidr", value_name = "CIDR")]
+    /// Pod CIDR of the cluster, the local-traffic detector; repeat (or comma-separate) per family.
+    #[arg(long = "cluster-cidr", value_name = "CIDR", value_delimiter = ',')]
     pub cluster_cidrs: Vec<String>,
-    /// Service CIDR, added to ServiceCIDR objects; repeat per family.
-    #[arg(long = "service-cidr", value_name = "CIDR")]
+    /// Service CIDR, added to ServiceCIDR objects; repeat (or comma-separate) per family.
+    #[arg(long = "service-cidr", value_name = "CIDR", value_delimiter = ',')]
     pub service_cidrs: Vec<String>,
-    /// Only node addresses inside these CIDRs answer NodePorts (default: all).
+    /// Only node addresses inside these CIDRs answer NodePorts (default: all); kube-proxy's
+    /// keywords `primary` (the first --node-ip of each family), `localhost` and `all` work too.
     #[arg(long = "nodeport-addresses", value_name = "CIDR", value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
-    /// Masquerade all traffic sent to ClusterIPs.
-    #[arg(long)]
-    pub masquerade_all: bool,
+    /// Masquerade all traffic sent to ClusterIPs (`--masquerade-all=false` overrides --config).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub masquerade_all: Option<bool>,
 }
 
 impl NodeFlags {
@@ -75,13 +81,23 @@ impl NodeFlags {
             (None, Some(n)) => n.to_owned(),
             (None, None) => String::new(),
         };
+        let node_ips: Vec<IpAddr> =
+            self.node_ips.iter().map(|s| ip(s, "--node-ip")).collect::<anyhow::Result<_>>()?;
+        let nodeport_addresses = self
+            .nodeport_addresses
+            .iter()
+            .map(|s| match NodePortAddress::parse(s) {
+                Some(a) => Ok(a),
+                None => bail!("--nodeport-addresses {s:?} is not a CIDR (nor primary, localhost, all)"),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(NodeConfig {
             node_name,
-            node_ips: self.node_ips.iter().map(|s| ip(s, "--node-ip")).collect::<anyhow::Result<_>>()?,
+            nodeport_addresses: resolve_node_port_addresses(&nodeport_addresses, &node_ips),
+            node_ips,
             cluster_cidrs: cidrs(&self.cluster_cidrs, "--cluster-cidr")?,
             service_cidrs: cidrs(&self.service_cidrs, "--service-cidr")?,
-            nodeport_addresses: cidrs(&self.nodeport_addresses, "--nodeport-addresses")?,
-            masquerade_all: self.masquerade_all,
+            masquerade_all: self.masquerade_all.unwrap_or(false),
         })
     }
 }

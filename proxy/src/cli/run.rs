@@ -1,165 +1,305 @@
-//! `ferry run`: the daemon. Sources feed the store; a bounded-frequency loop re-plans what
-//! changed and hands the plan diff to the backend.
+//! `ferry run`: resolves the flags and `--config` into the daemon's settings, then runs it
+//! (`crate::daemon`). Flags override the file; the file overrides the defaults.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Args;
-use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep_until};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::NodeFlags;
-use crate::backend::{self, BackendKind, BackendOptions};
-use crate::model::Kind;
-use crate::plan::Planner;
-use crate::source::kube as kube_source;
-use crate::source::manifests;
-use crate::store::{Store, StoreEvent};
+use crate::admin::{DEFAULT_ADMIN_ADDRESS, parse_admin_address};
+use crate::backend::{BackendKind, BackendOptions};
+use crate::config::{self, HEALTHZ_PORT, KubeProxyConfig, METRICS_PORT, parse_bind_address};
+use crate::daemon::{self, DEFAULT_BURST, Settings, Source};
 
-#[derive(Debug, Args)]
+/// kube-proxy's defaults.
+pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
+pub const DEFAULT_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    #[arg(long, value_enum, default_value = "nftables")]
-    pub backend: BackendKind,
+    /// Data plane [default: --config's mode, else nftables].
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendKind>,
     /// Read objects from this directory instead of the Kubernetes API.
     #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
     pub manifests: Option<PathBuf>,
-    /// Kubeconfig to reach the API server; without it and without --manifests, the in-cluster
-    /// configuration (or $KUBECONFIG) is used.
+    /// Kubeconfig to reach the API server; without it and without --manifests, --config's
+    /// clientConnection.kubeconfig, else the in-cluster configuration (or $KUBECONFIG).
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
+    /// kube-proxy's configuration file (KubeProxyConfiguration, kubeproxy.config.k8s.io/v1alpha1);
+    /// flags override it. Re-read on SIGHUP and when its content changes.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub node: NodeFlags,
-    /// Full resync interval: rewrites the whole state, repairing drift.
-    #[arg(long, value_parser = humantime_duration, default_value = "30s")]
-    pub sync_period: Duration,
-    /// Minimum time between two syncs; changes arriving faster are merged.
-    #[arg(long, value_parser = humantime_duration, default_value = "1s")]
-    pub min_sync_period: Duration,
+    /// Full resync interval: rewrites the whole state, repairing drift [default: 30s].
+    #[arg(long, value_name = "DUR", value_parser = humantime_duration)]
+    pub sync_period: Option<Duration>,
+    /// Minimum time between two syncs (after a burst); changes arriving faster are merged
+    /// [default: 1s].
+    #[arg(long, value_name = "DUR", value_parser = humantime_duration)]
+    pub min_sync_period: Option<Duration>,
+    /// Syncs that may run back to back before --min-sync-period applies.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_BURST)]
+    pub sync_burst: u32,
+    /// /healthz and /livez server, IP:PORT (or IP); "" disables it [default: 0.0.0.0:10256].
+    #[arg(long, value_name = "ADDR")]
+    pub healthz_bind_address: Option<String>,
+    /// Prometheus /metrics server, IP:PORT (or IP); "" disables it [default: 127.0.0.1:10249].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_bind_address: Option<String>,
+    /// Admin endpoint `ferry status` reads: IP:PORT or unix:/PATH; "" disables it.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADMIN_ADDRESS)]
+    pub admin_address: String,
+    /// Exit when a server cannot bind its address, instead of retrying every 5s.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub bind_address_hard_fail: Option<bool>,
 }
 
-/// Parses `500ms`, `2s`, `1m`, `1h`.
+/// Parses `500ms`, `2s`, `1m30s`, `1h`; a bare number is seconds.
 pub fn humantime_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map(|i| s.split_at(i)).unwrap_or((s, "s"));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 2s, 1m"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    })
+    config::parse_duration(s)
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let node_name = args.node.node_name.clone().context("--node-name is required")?;
-    let config = args.node.to_config(Some(&node_name))?;
-    let mut backend = backend::build(args.backend, &BackendOptions::default())?;
-    let (tx, mut rx) = mpsc::channel::<StoreEvent>(1024);
-    let required: &[Kind] = match &args.manifests {
-        Some(dir) => {
-            let dir = dir.clone();
-            std::fs::read_dir(&dir).with_context(|| format!("--manifests {}", dir.display()))?;
-            tokio::spawn(manifests::follow(dir, Duration::from_millis(300), Duration::from_millis(200), tx));
-            &[Kind::Service, Kind::EndpointSlice]
-        }
-        None => {
-            let client = kube_source::client(args.kubeconfig.as_deref()).await?;
-            let name = node_name.clone();
-            tokio::spawn(async move {
-                if let Err(e) = kube_source::run(client, name, tx).await {
-                    error!("Kubernetes API source stopped: {e:#}");
-                }
-            });
-            // kube-proxy waits for both before its first sync; the Node and ServiceCIDRs
-            // refine the plan when they arrive.
-            &[Kind::Service, Kind::EndpointSlice]
-        }
-    };
-    info!(backend = backend.name(), node = %config.node_name, "ferry starting");
-
-    let mut store = Store::new();
-    let mut planner = Planner::new();
-    let mut last_sync: Option<Instant> = None;
-    let mut next_full = Instant::now();
-    let mut full_due = true;
-    let mut backoff = Duration::from_secs(1);
-    let mut terminate = std::pin::pin!(shutdown_signal());
-    loop {
-        let wake = if store.has_listed(required) && (full_due || !store.pending_changes().is_empty()) {
-            let earliest = last_sync.map(|t| t + args.min_sync_period).unwrap_or_else(Instant::now);
-            if full_due { earliest.max(next_full) } else { earliest }
-        } else {
-            next_full
-        };
-        tokio::select! {
-            ev = rx.recv() => match ev {
-                Some(ev) => {
-                    store.handle(ev);
-                    while let Ok(ev) = rx.try_recv() {
-                        store.handle(ev);
-                    }
-                    continue;
-                }
-                None => anyhow::bail!("source stopped"),
-            },
-            _ = &mut terminate => {
-                info!("terminating; the data path stays programmed");
-                return Ok(());
-            }
-            _ = sleep_until(wake) => {}
-        }
-        if Instant::now() >= next_full {
-            full_due = true;
-        }
-        if !store.has_listed(required) || (!full_due && store.pending_changes().is_empty()) {
-            continue;
-        }
-        let changes = store.take_changes();
-        let diff = planner.update(&store, &config, &changes);
-        let started = Instant::now();
-        last_sync = Some(started);
-        let result = backend.sync(planner.plan(), if full_due { None } else { Some(&diff) }, &config);
-        match result {
-            Ok(report) => {
-                info!(
-                    full = report.full,
-                    services = store.service_count(),
-                    ports = planner.plan().ports.len(),
-                    changed = diff.len(),
-                    operations = report.operations,
-                    took_ms = (report.duration.as_secs_f64() * 1e4).round() / 10.0,
-                    "synced"
-                );
-                if full_due {
-                    next_full = started + args.sync_period;
-                }
-                full_due = false;
-                backoff = Duration::from_secs(1);
-            }
-            Err(e) => {
-                error!("sync failed, retrying in {backoff:?} with a full sync: {e}");
-                full_due = true;
-                next_full = Instant::now() + backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
-    }
+    let resolved = settings(&args)?;
+    let reload: Option<daemon::Reload> = args.config.is_some().then(|| {
+        let args = args.clone();
+        Box::new(move || settings(&args)) as daemon::Reload
+    });
+    daemon::run(resolved, reload).await
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+/// Reads `--config` (if any) and resolves every setting.
+pub fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
+    let file = match &args.config {
+        Some(path) => {
+            let c = config::load(path).with_context(|| format!("--config {}", path.display()))?;
+            for field in &c.unknown_fields {
+                warn!(file = %path.display(), "unknown field {field} (not in KubeProxyConfiguration v1alpha1); ignored");
             }
+            for note in &c.not_applied {
+                info!(file = %path.display(), "not applied: {note}");
+            }
+            c
         }
-        Err(e) => {
-            warn!("cannot listen for SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
+        None => KubeProxyConfig::default(),
+    };
+    resolve(args, &file, std::env::var("NODE_NAME").ok())
+}
+
+/// Flags over the file over the defaults. `env_node_name` is `$NODE_NAME`.
+pub fn resolve(
+    args: &RunArgs,
+    file: &KubeProxyConfig,
+    env_node_name: Option<String>,
+) -> anyhow::Result<Settings> {
+    let node_name = args
+        .node
+        .node_name
+        .clone()
+        .or_else(|| file.hostname_override.clone())
+        .or(env_node_name.filter(|n| !n.is_empty()))
+        .or_else(hostname)
+        .context("no node name: pass --node-name (or hostnameOverride, $NODE_NAME)")?;
+    let mut node = args.node.to_config(Some(&node_name))?;
+    if node.node_ips.is_empty()
+        && let Some(ip) = file.bind_address
+    {
+        node.node_ips.push(ip);
+    }
+    if args.node.cluster_cidrs.is_empty() {
+        node.cluster_cidrs = file.cluster_cidrs.clone();
+    }
+    if args.node.nodeport_addresses.is_empty() {
+        node.nodeport_addresses =
+            config::resolve_node_port_addresses(&file.node_port_addresses, &node.node_ips);
+    }
+    if args.node.masquerade_all.is_none() {
+        node.masquerade_all = file.masquerade_all;
+    }
+    if node.node_ips.is_empty() {
+        warn!("no --node-ip: NodePorts answer on no address of this node");
+    }
+
+    let sync_period = args.sync_period.or(file.sync_period).unwrap_or(DEFAULT_SYNC_PERIOD);
+    let min_sync_period = args.min_sync_period.or(file.min_sync_period).unwrap_or(DEFAULT_MIN_SYNC_PERIOD);
+    if sync_period.is_zero() {
+        bail!("--sync-period must be greater than 0");
+    }
+    if min_sync_period > sync_period {
+        bail!(
+            "--min-sync-period ({}) must not exceed --sync-period ({})",
+            config::format_duration(min_sync_period),
+            config::format_duration(sync_period)
+        );
+    }
+    let bind =
+        |flag: &Option<String>, name: &str, port: u16, from_file: Option<std::net::SocketAddr>, default| {
+            match flag.as_deref() {
+                Some("") => Ok(None),
+                Some(s) => parse_bind_address(s, port)
+                    .map(Some)
+                    .with_context(|| format!("--{name} {s:?} is not IP:PORT or IP")),
+                None => Ok(Some(from_file.unwrap_or(default))),
+            }
+        };
+    let healthz_bind_address = bind(
+        &args.healthz_bind_address,
+        "healthz-bind-address",
+        HEALTHZ_PORT,
+        file.healthz_bind_address,
+        file.default_healthz_address(),
+    )?;
+    let metrics_bind_address = bind(
+        &args.metrics_bind_address,
+        "metrics-bind-address",
+        METRICS_PORT,
+        file.metrics_bind_address,
+        file.default_metrics_address(),
+    )?;
+    let admin_address =
+        parse_admin_address(&args.admin_address).map_err(|e| anyhow::anyhow!("--admin-address: {e}"))?;
+    let source = match &args.manifests {
+        Some(dir) => Source::Manifests(dir.clone()),
+        None => Source::Kube(args.kubeconfig.clone().or_else(|| file.kubeconfig.clone())),
+    };
+    Ok(Settings {
+        backend: args.backend.or(file.mode).unwrap_or(BackendKind::Nftables),
+        backend_options: BackendOptions::default(),
+        source,
+        node,
+        sync_period,
+        min_sync_period,
+        sync_burst: args.sync_burst.max(1),
+        healthz_bind_address,
+        metrics_bind_address,
+        admin_address,
+        bind_address_hard_fail: args.bind_address_hard_fail.unwrap_or(file.bind_address_hard_fail),
+        config_file: args.config.clone(),
+    })
+}
+
+/// The host's name, as kube-proxy defaults the node name (lower-cased).
+fn hostname() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim().to_ascii_lowercase();
+    (!name.is_empty()).then_some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use crate::httpd::ListenAddr;
+
+    fn args(flags: &[&str]) -> RunArgs {
+        let mut argv = vec!["ferry", "run"];
+        argv.extend_from_slice(flags);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(a) => a,
+            other => panic!("{other:?}"),
         }
+    }
+
+    fn file(text: &str) -> KubeProxyConfig {
+        config::parse(&format!(
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n{text}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_are_kube_proxys() {
+        let s = resolve(&args(&["--node-name", "n1"]), &KubeProxyConfig::default(), None).unwrap();
+        assert_eq!(s.backend, BackendKind::Nftables);
+        assert_eq!(
+            (s.sync_period, s.min_sync_period, s.sync_burst),
+            (DEFAULT_SYNC_PERIOD, DEFAULT_MIN_SYNC_PERIOD, 2)
+        );
+        assert_eq!(s.healthz_bind_address, Some("0.0.0.0:10256".parse().unwrap()));
+        assert_eq!(s.metrics_bind_address, Some("127.0.0.1:10249".parse().unwrap()));
+        assert_eq!(s.admin_address, Some(ListenAddr::Tcp("127.0.0.1:10247".parse().unwrap())));
+        assert_eq!(s.source, Source::Kube(None));
+        assert!(!s.bind_address_hard_fail);
+    }
+
+    #[test]
+    fn the_file_fills_what_flags_leave_out_and_flags_win() {
+        let f = file(
+            "mode: ipvs\nhostnameOverride: from-file\nclusterCIDR: 10.244.0.0/16\nmasqueradeAll: false\n\
+             iptables: {masqueradeAll: true}\nipvs: {syncPeriod: 1m, minSyncPeriod: 5s}\n\
+             nodePortAddresses: [primary]\nbindAddress: 192.168.1.10\nmetricsBindAddress: 0.0.0.0:9100\n\
+             clientConnection: {kubeconfig: /etc/kp.conf}\n",
+        );
+        let s = resolve(&args(&[]), &f, Some("from-env".into())).unwrap();
+        assert_eq!(s.backend, BackendKind::Ipvs);
+        assert_eq!(s.node.node_name, "from-file");
+        assert_eq!(s.node.node_ips, vec!["192.168.1.10".parse::<std::net::IpAddr>().unwrap()]);
+        assert_eq!(s.node.cluster_cidrs, vec!["10.244.0.0/16".parse::<ipnet::IpNet>().unwrap()]);
+        assert_eq!(s.node.nodeport_addresses, vec!["192.168.1.10/32".parse::<ipnet::IpNet>().unwrap()]);
+        assert!(s.node.masquerade_all);
+        assert_eq!((s.sync_period, s.min_sync_period), (Duration::from_secs(60), Duration::from_secs(5)));
+        assert_eq!(s.metrics_bind_address, Some("0.0.0.0:9100".parse().unwrap()));
+        assert_eq!(s.source, Source::Kube(Some("/etc/kp.conf".into())));
+
+        let s = resolve(
+            &args(&[
+                "--backend=nftables",
+                "--node-name=flag",
+                "--node-ip=10.0.0.1",
+                "--cluster-cidr=10.1.0.0/16,fd00:1::/64",
+                "--masquerade-all=false",
+                "--sync-period=10s",
+                "--min-sync-period=100ms",
+                "--metrics-bind-address=",
+                "--healthz-bind-address=127.0.0.1",
+                "--nodeport-addresses=10.0.0.0/8",
+                "--kubeconfig=/k",
+            ]),
+            &f,
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.backend, BackendKind::Nftables);
+        assert_eq!(s.node.node_name, "flag");
+        assert_eq!(s.node.cluster_cidrs.len(), 2, "comma-separated like kube-proxy's --cluster-cidr");
+        assert!(!s.node.masquerade_all);
+        assert_eq!((s.sync_period, s.min_sync_period), (Duration::from_secs(10), Duration::from_millis(100)));
+        assert_eq!(s.metrics_bind_address, None, "\"\" disables");
+        assert_eq!(s.healthz_bind_address, Some("127.0.0.1:10256".parse().unwrap()));
+        assert_eq!(s.node.nodeport_addresses, vec!["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]);
+        assert_eq!(s.source, Source::Kube(Some("/k".into())));
+    }
+
+    #[test]
+    fn node_name_falls_back_to_node_name_env() {
+        let s = resolve(&args(&[]), &KubeProxyConfig::default(), Some("env-node".into())).unwrap();
+        assert_eq!(s.node.node_name, "env-node");
+    }
+
+    #[test]
+    fn invalid_flags_are_errors_naming_them() {
+        let e = resolve(
+            &args(&["--node-name=n", "--healthz-bind-address=nowhere"]),
+            &KubeProxyConfig::default(),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--healthz-bind-address \"nowhere\""), "{e}");
+        let e = resolve(
+            &args(&["--node-name=n", "--sync-period=1s", "--min-sync-period=2s"]),
+            &KubeProxyConfig::default(),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--min-sync-period (2s) must not exceed --sync-period (1s)"), "{e}");
+        assert!(Cli::try_parse_from(["ferry", "run", "--sync-period", "soon"]).is_err());
     }
 }
