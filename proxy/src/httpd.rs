@@ -320,6 +320,16 @@ pub async fn get(
     path: &str,
     timeout: Duration,
 ) -> Result<(StatusCode, String), HttpError> {
+    let r = get_response(addr, path, timeout).await?;
+    Ok((r.status(), r.into_body()))
+}
+
+/// `GET path` on `addr`: the whole response, headers included.
+pub async fn get_response(
+    addr: &ListenAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<hyper::Response<String>, HttpError> {
     let label = addr.to_string();
     let work = async {
         match addr {
@@ -342,7 +352,7 @@ pub async fn get(
         .unwrap_or(Err(HttpError::Timeout { addr: label.clone(), timeout }))
 }
 
-async fn get_on<S>(stream: S, addr: &str, path: &str) -> Result<(StatusCode, String), HttpError>
+async fn get_on<S>(stream: S, addr: &str, path: &str) -> Result<hyper::Response<String>, HttpError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -355,10 +365,10 @@ where
         .body(Empty::<Bytes>::new())
         .map_err(|source| HttpError::Request { addr: addr.to_owned(), path: path.to_owned(), source })?;
     let response = sender.send_request(request).await.map_err(proto)?;
-    let status = response.status();
-    let body = response.into_body().collect().await.map_err(proto)?.to_bytes();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.map_err(proto)?.to_bytes();
     conn.abort();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok(hyper::Response::from_parts(parts, String::from_utf8_lossy(&body).into_owned()))
 }
 
 #[cfg(test)]

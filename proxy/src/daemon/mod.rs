@@ -111,7 +111,15 @@ pub type Reload = Box<dyn Fn() -> anyhow::Result<Settings> + Send>;
 /// Runs the daemon until SIGTERM / SIGINT.
 pub async fn run(settings: Settings, reload: Option<Reload>) -> anyhow::Result<()> {
     let backend = backend::build(settings.backend, &settings.backend_options)?;
+    run_with_backend(settings, backend, reload).await
+}
 
+/// [`run`] with a given backend (tests drive the loop with an in-memory one).
+pub async fn run_with_backend(
+    settings: Settings,
+    backend: Box<dyn Backend>,
+    reload: Option<Reload>,
+) -> anyhow::Result<()> {
     // Every component registers its metrics here, before the server shares the registry.
     let mut registry = Registry::default();
     let sync_metrics = SyncMetrics::register(&mut registry);
