@@ -7,6 +7,9 @@
 //! - `/livez` reports exactly that; `/healthz` also requires the Node to be eligible: not being
 //!   deleted and without the cluster autoscaler's `ToBeDeletedByClusterAutoscaler` taint, so
 //!   load balancers drain a node before it goes.
+//! - `/readyz` (ferry's own): `/healthz` once the first sync has succeeded. kube-proxy's
+//!   `/healthz` is healthy while starting, which makes it useless to gate a rolling update;
+//!   the DaemonSet's readiness probe uses this one.
 //! - [`ServiceHealthServers`]: for every service with `externalTrafficPolicy: Local` and a
 //!   `healthCheckNodePort`, an HTTP server on that port answering 200 when this node has ready
 //!   local endpoints (and `/healthz` would be 200), 503 otherwise, with kube-proxy's JSON body and
@@ -49,6 +52,12 @@ struct State {
     node_eligible: bool,
 }
 
+impl State {
+    fn synced(&self) -> bool {
+        self.last_updated.is_some()
+    }
+}
+
 /// One reading of [`ProxyHealth`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthReport {
@@ -59,12 +68,19 @@ pub struct HealthReport {
     /// The last successful sync (ferry's start before the first).
     pub last_updated: SystemTime,
     pub current_time: SystemTime,
+    /// A sync has succeeded since the start.
+    pub synced: bool,
 }
 
 impl HealthReport {
     /// What `/healthz` (and a healthCheckNodePort's `serviceProxyHealthy`) reports.
     pub fn healthz(&self) -> bool {
         self.healthy && self.node_eligible
+    }
+
+    /// What `/readyz` reports.
+    pub fn readyz(&self) -> bool {
+        self.synced && self.healthz()
     }
 }
 
@@ -121,6 +137,7 @@ impl ProxyHealth {
             node_eligible: s.node_eligible,
             last_updated: s.last_updated.unwrap_or(s.started),
             current_time: wall,
+            synced: s.synced(),
         }
     }
 
@@ -165,18 +182,21 @@ struct HealthzBody {
     node_eligible: Option<bool>,
 }
 
-/// `/healthz` and `/livez` (for `--healthz-bind-address`).
+/// `/healthz`, `/livez` and `/readyz` (for `--healthz-bind-address`).
 pub fn handler(health: Arc<ProxyHealth>, metrics: HealthMetrics) -> Handler {
     httpd::handler(move |req| {
         let report = health.report_now();
         let (ok, node_eligible, counter) = match req.uri.path() {
-            "/healthz" => (report.healthz(), Some(report.node_eligible), &metrics.healthz),
-            "/livez" => (report.healthy, None, &metrics.livez),
+            "/healthz" => (report.healthz(), Some(report.node_eligible), Some(&metrics.healthz)),
+            "/livez" => (report.healthy, None, Some(&metrics.livez)),
+            "/readyz" => (report.readyz(), Some(report.node_eligible), None),
             _ => return httpd::not_found(),
         };
         let (status, code) =
             if ok { (StatusCode::OK, "200") } else { (StatusCode::SERVICE_UNAVAILABLE, "503") };
-        counter.get_or_create(&[("code", code)]).inc();
+        if let Some(counter) = counter {
+            counter.get_or_create(&[("code", code)]).inc();
+        }
         // As kube-proxy: while healthy, lastUpdated is "now" (older clients read a recent
         // lastUpdated as healthy); otherwise the last successful sync.
         let last_updated = if ok { report.current_time } else { report.last_updated };
@@ -386,8 +406,12 @@ mod tests {
     fn health_is_good_at_start_and_bad_when_the_first_sync_never_comes() {
         let t0 = Instant::now();
         let h = ProxyHealth::new(Duration::from_secs(60), t0);
-        assert!(h.report(t0 + Duration::from_secs(59), SystemTime::now()).healthy);
+        let r = h.report(t0 + Duration::from_secs(59), SystemTime::now());
+        assert!(r.healthy && r.healthz());
+        assert!(!r.readyz(), "not ready before the first sync");
         assert!(!h.report(t0 + Duration::from_secs(60), SystemTime::now()).healthy);
+        h.updated(SystemTime::now());
+        assert!(h.report(t0 + Duration::from_secs(60), SystemTime::now()).readyz());
     }
 
     #[test]

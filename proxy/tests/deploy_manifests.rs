@@ -142,7 +142,7 @@ fn the_daemonset_runs_on_every_node_in_the_host_network_with_capabilities_not_pr
         (g.path.clone().unwrap(), serde_json::to_value(&g.port).unwrap())
     };
     assert_eq!(probe(&c.liveness_probe), ("/livez".to_owned(), serde_json::json!(10256)));
-    assert_eq!(probe(&c.readiness_probe), ("/healthz".to_owned(), serde_json::json!(10256)));
+    assert_eq!(probe(&c.readiness_probe), ("/readyz".to_owned(), serde_json::json!(10256)));
 
     let volumes = spec.volumes.unwrap_or_default();
     let bpffs = volumes.iter().find_map(|v| v.host_path.as_ref().filter(|h| h.path == "/sys/fs/bpf"));

@@ -258,6 +258,7 @@ async fn metrics_status_and_healthz_report_syncs() {
     let (code, body) = h.get(&h.healthz, "/livez").await;
     assert_eq!(code, StatusCode::OK);
     assert!(!body.contains("nodeEligible"), "{body}");
+    assert_eq!(h.get(&h.healthz, "/readyz").await.0, StatusCode::OK, "ready after the first sync");
 
     // A change: a partial sync, and network programming latency observed.
     write(h.dir.path(), "lb.yaml", &service_yaml(h.hc_port, "node-b", true));
@@ -328,6 +329,7 @@ async fn failing_syncs_back_off_turn_health_unhealthy_and_recover_with_a_full_sy
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(h.get(&h.healthz, "/healthz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(h.get(&h.healthz, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
     let (_, _, body) = h.health_check().await;
     assert_eq!(body["serviceProxyHealthy"], false);
     let m = h.metrics().await;

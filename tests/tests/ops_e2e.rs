@@ -2,7 +2,7 @@
 //! namespace (the fixture of `common/`), asked over HTTP from inside the sandbox the way the
 //! kubelet (probes), a cloud load balancer (healthCheckNodePort) and Prometheus would:
 //!
-//! - `/healthz` and `/livez` on the default `--healthz-bind-address` (0.0.0.0:10256);
+//! - `/healthz`, `/livez` and `/readyz` on the default `--healthz-bind-address` (0.0.0.0:10256);
 //! - a healthCheckNodePort, probed from the external client on both node addresses, answering
 //!   200 while the node has a local endpoint and 503 when it has none, and going away with its
 //!   service;
@@ -158,6 +158,7 @@ fn health_health_check_node_port_metrics_and_status_of_a_running_ferry() {
     assert!(v["lastUpdated"].is_string() && v["currentTime"].is_string(), "{v}");
     assert_eq!(healthz.header("content-type"), Some("application/json"));
     assert_eq!(must_get(node, localhost(10256), "/livez").status, 200);
+    assert_eq!(must_get(node, localhost(10256), "/readyz").status, 200, "ready: the first sync is done");
     // 0.0.0.0: the node address answers too.
     assert_eq!(must_get(ext, fx.node_addr(Family::V4, 10256), "/healthz").status, 200);
 
