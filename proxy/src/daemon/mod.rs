@@ -114,7 +114,8 @@ pub async fn run(settings: Settings, reload: Option<Reload>) -> anyhow::Result<(
     run_with_backend(settings, backend, reload).await
 }
 
-/// [`run`] with a given backend (tests drive the loop with an in-memory one).
+/// [`run`] with a given backend (tests drive the loop with an in-memory one). Needs Tokio's
+/// multi-thread runtime: the backend's kernel calls run in `block_in_place`.
 pub async fn run_with_backend(
     settings: Settings,
     backend: Box<dyn Backend>,
