@@ -7,26 +7,95 @@
 //! - The byte order of every multi-byte field is stated on the field. Packet-derived fields stay
 //!   in network byte order (the program compares them with packet bytes as they are); fields only
 //!   userspace assigns are in host byte order. Conversion happens in the constructors here.
+//! - Addresses are 16 bytes: IPv6, or IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
 //! - With the `user` feature the types implement [`aya::Pod`] so userspace can put them in maps.
+//!
+//! The data path these maps drive is described in `docs/ebpf.md`.
 #![no_std]
 
 /// Names of the programs in the eBPF object, as userspace looks them up.
 pub mod programs {
-    /// TC classifier on the ingress of node interfaces: the service translation path. Today it
-    /// matches the packet's destination against [`crate::maps::SERVICES`] and counts.
+    /// TC classifier on the ingress of node interfaces: new connections to a frontend are
+    /// translated (DNAT) and recorded in [`crate::maps::CONNTRACK`]; later packets follow it.
     pub const TC_INGRESS: &str = "ferry_tc_ingress";
+    /// TC classifier on the egress of node interfaces: replies get their source translated
+    /// back to the frontend ([`crate::maps::REVNAT`]).
+    pub const TC_EGRESS: &str = "ferry_tc_egress";
+    /// cgroup `connect4`/`connect6`: sockets of node processes connect to an endpoint instead
+    /// of the frontend.
+    pub const CONNECT4: &str = "ferry_connect4";
+    pub const CONNECT6: &str = "ferry_connect6";
+    /// cgroup `sendmsg4`/`sendmsg6`: unconnected UDP sends to a frontend go to an endpoint.
+    pub const SENDMSG4: &str = "ferry_sendmsg4";
+    pub const SENDMSG6: &str = "ferry_sendmsg6";
+    /// cgroup `recvmsg4`/`recvmsg6`: replies on those sockets appear to come from the frontend.
+    pub const RECVMSG4: &str = "ferry_recvmsg4";
+    pub const RECVMSG6: &str = "ferry_recvmsg6";
+    /// cgroup `getpeername4`/`getpeername6`: a connected socket's peer reads as the frontend.
+    pub const GETPEERNAME4: &str = "ferry_getpeername4";
+    pub const GETPEERNAME6: &str = "ferry_getpeername6";
 }
 
-/// Names and sizes of the maps in the eBPF object.
+/// Names and default sizes of the maps in the eBPF object. Userspace may override every
+/// `*_MAX_ENTRIES` at load time (`BackendOptions`).
 pub mod maps {
     /// `HashMap<FrontendKey, FrontendValue>`: every service frontend (ClusterIP, NodePort, …
     /// address, port and protocol) this node serves.
     pub const SERVICES: &str = "SERVICES";
-    /// Capacity of [`SERVICES`].
     pub const SERVICES_MAX_ENTRIES: u32 = 65_536;
+    /// `HashMap<EndpointKey, Endpoint>`: the endpoint slots of every endpoint set.
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const ENDPOINTS_MAX_ENTRIES: u32 = 262_144;
+    /// `HashMap<u32, MaglevTable>` (not preallocated): the Maglev lookup table of each endpoint
+    /// set used by external frontends, keyed by set id.
+    pub const MAGLEV: &str = "MAGLEV";
+    pub const MAGLEV_MAX_ENTRIES: u32 = 1024;
+    /// `LruHashMap<FlowKey, CtValue>`: connections translated so far, keyed by the packet as the
+    /// client sends it.
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+    /// `LruHashMap<FlowKey, RevNatValue>`: the same connections keyed by the reply as the
+    /// endpoint sends it (after netfilter's un-SNAT), giving the frontend to restore.
+    pub const REVNAT: &str = "REVNAT";
+    pub const REVNAT_MAX_ENTRIES: u32 = 262_144;
+    /// `LruHashMap<AffinityKey, AffinityValue>`: ClientIP session affinity.
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
+    /// `HashMap<[u8; 16], u32>`: this node's addresses, value [`crate::node_addr`] flags.
+    pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    pub const NODE_ADDRS_MAX_ENTRIES: u32 = 256;
+    /// `LpmTrie<[u8; 16], u32>`: the cluster CIDRs (the local-traffic detector); value unused (1).
+    pub const POD_CIDRS: &str = "POD_CIDRS";
+    pub const POD_CIDRS_MAX_ENTRIES: u32 = 64;
+    /// `LpmTrie<[u8; 16], u32>`: what happens to a destination that is no frontend:
+    /// allocated ClusterIPs (/128) → [`crate::dst_policy::REJECT`], service CIDRs →
+    /// [`crate::dst_policy::DROP`]. Longest prefix wins.
+    pub const DST_POLICY: &str = "DST_POLICY";
+    pub const DST_POLICY_MAX_ENTRIES: u32 = 65_536;
+    /// `LpmTrie<SourceRangeKey, u32>`: loadBalancerSourceRanges per service; value unused (1).
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 16_384;
+    /// `LruHashMap<SockKey, SockValue>`: unconnected UDP sends of node processes, for recvmsg.
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    pub const SOCK_REVNAT_MAX_ENTRIES: u32 = 65_536;
     /// `PerCpuArray<u64>` of packet counters, indexed by [`crate::Stat`]; userspace sums the
     /// per-CPU values.
     pub const STATS: &str = "STATS";
+    /// Every map userspace pins, in the order it creates entries.
+    pub const PINNED: [&str; 12] = [
+        SERVICES,
+        ENDPOINTS,
+        MAGLEV,
+        CONNTRACK,
+        REVNAT,
+        AFFINITY,
+        NODE_ADDRS,
+        POD_CIDRS,
+        DST_POLICY,
+        SOURCE_RANGES,
+        SOCK_REVNAT,
+        STATS,
+    ];
 }
 
 /// IANA protocol numbers of the transport protocols a service port can use.
@@ -36,18 +105,84 @@ pub mod protocol {
     pub const SCTP: u8 = 132;
 }
 
+/// Bits of `skb->mark` the TC programs set; acted on by the small nftables table `ferry_ebpf`
+/// (see docs/ebpf.md).
+pub mod mark {
+    /// Masquerade this connection (SNAT to the outgoing interface's address) in postrouting.
+    /// kube-proxy's bit, so the two agree.
+    pub const MASQUERADE: u32 = 0x4000;
+    /// Reject this packet (TCP RST, or ICMP port unreachable) in prerouting.
+    pub const REJECT: u32 = 0x8000;
+}
+
+/// Flags of [`FrontendValue::flags`].
+pub mod frontend {
+    /// With no endpoint in the chosen set: DROP (policy Local, none local). Otherwise REJECT.
+    pub const EMPTY_DROP: u32 = 1 << 0;
+    /// Masquerade every new connection (external under policy Cluster, `--masquerade-all`).
+    pub const MASQ_ALWAYS: u32 = 1 << 1;
+    /// Masquerade new connections whose source is not inside the cluster CIDRs (ClusterIP with
+    /// a local-traffic detector).
+    pub const MASQ_NOT_POD: u32 = 1 << 2;
+    /// externalTrafficPolicy Local: sources inside the cluster CIDRs use the short-circuit set.
+    pub const SHORT_CIRCUIT_PODS: u32 = 1 << 3;
+    /// externalTrafficPolicy Local: the node's own addresses use the short-circuit set, masqueraded.
+    pub const SHORT_CIRCUIT_NODE: u32 = 1 << 4;
+    /// Check the source against [`crate::maps::SOURCE_RANGES`] (LoadBalancer IPs with ranges).
+    pub const SOURCE_RANGES: u32 = 1 << 5;
+    /// Choose from the main set with its Maglev table (external frontends) instead of randomly.
+    pub const MAGLEV: u32 = 1 << 6;
+    /// A NodePort (key with a wildcard address): matched only on node addresses.
+    pub const NODE_PORT: u32 = 1 << 7;
+}
+
+/// Values of [`maps::NODE_ADDRS`] (bits).
+pub mod node_addr {
+    /// One of the node's addresses (`--node-ip`).
+    pub const NODE: u32 = 1 << 0;
+    /// NodePorts answer on it (`--nodeport-addresses`).
+    pub const NODE_PORT: u32 = 1 << 1;
+}
+
+/// Values of [`maps::DST_POLICY`].
+pub mod dst_policy {
+    pub const REJECT: u32 = 1;
+    pub const DROP: u32 = 2;
+}
+
+/// Flags of [`CtValue::flags`].
+pub mod ct {
+    /// Every packet of the connection gets [`crate::mark::MASQUERADE`].
+    pub const MASQUERADE: u8 = 1 << 0;
+}
+
+/// The largest Maglev table: the value size of [`maps::MAGLEV`]. A smaller prime can be used
+/// ([`MaglevTable::size`]).
+pub const MAGLEV_MAX_SIZE: usize = 65_537;
+
+/// The IPv4-mapped IPv6 form of an IPv4 address.
+#[inline(always)]
+pub const fn ipv4_mapped(addr: [u8; 4]) -> [u8; 16] {
+    let [a, b, c, d] = addr;
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d]
+}
+
+/// The address of a NodePort frontend key: any node address of the family.
+pub const NODE_PORT_ADDR_V4: [u8; 16] = ipv4_mapped([0, 0, 0, 0]);
+pub const NODE_PORT_ADDR_V6: [u8; 16] = [0; 16];
+
 /// Key of [`maps::SERVICES`]: the destination of a packet that a service frontend matches.
 ///
 /// Layout (20 bytes, alignment 2, no implicit padding):
 ///
 /// | offset | field      | byte order                                                        |
 /// |--------|------------|-------------------------------------------------------------------|
-/// | 0      | `addr`     | network; IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`)              |
+/// | 0      | `addr`     | network; IPv4 as IPv4-mapped IPv6; NodePorts: [`NODE_PORT_ADDR_V4`]/[`NODE_PORT_ADDR_V6`] |
 /// | 16     | `port`     | network (big endian), exactly as in the TCP/UDP/SCTP header       |
 /// | 18     | `protocol` | single byte, an IANA protocol number from [`protocol`]            |
 /// | 19     | `_pad`     | always 0                                                          |
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendKey {
     /// Destination address, IPv6 or IPv4-mapped IPv6, network byte order.
     pub addr: [u8; 16],
@@ -63,8 +198,7 @@ impl FrontendKey {
     /// The key for an IPv4 frontend; `addr` is the address's octets in network order and
     /// `port` is in host byte order (it is converted here).
     pub const fn ipv4(addr: [u8; 4], port: u16, protocol: u8) -> Self {
-        let [a, b, c, d] = addr;
-        Self::from_raw([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d], port.to_be(), protocol)
+        Self::from_raw(ipv4_mapped(addr), port.to_be(), protocol)
     }
 
     /// The key for an IPv6 frontend; `port` is in host byte order (it is converted here).
@@ -85,22 +219,166 @@ impl FrontendKey {
     }
 }
 
-/// Value of [`maps::SERVICES`]: what the data path knows about a frontend.
+/// Value of [`maps::SERVICES`]: how new connections to a frontend are handled.
 ///
-/// Layout (4 bytes, alignment 4): `service_id` in host byte order.
+/// Layout (32 bytes, alignment 4), every field in host byte order. An endpoint *set* is a
+/// group of slots `EndpointKey { set, index: 0..count }` in [`maps::ENDPOINTS`]; userspace
+/// writes a changed endpoint list under a fresh set id and then replaces this value in one
+/// update, so a packet sees either the old set or the new one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FrontendValue {
+    /// Identifier of the service port, assigned by userspace: source ranges and affinity are
+    /// keyed by it.
+    pub service_id: u32,
+    /// [`frontend`] flags.
+    pub flags: u32,
+    /// The main endpoint set and its size (0: REJECT, or DROP with [`frontend::EMPTY_DROP`]).
+    pub set: u32,
+    pub count: u32,
+    /// The short-circuit set (policy Local frontends reached by pods or the node).
+    pub sc_set: u32,
+    pub sc_count: u32,
+    /// ClientIP affinity timeout in seconds; 0: no affinity.
+    pub affinity_timeout: u32,
+    /// Explicit padding; must be zero.
+    pub _pad: u32,
+}
+
+/// Key of [`maps::ENDPOINTS`]. Layout (8 bytes): both fields host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub set: u32,
+    pub index: u32,
+}
+
+/// Value of [`maps::ENDPOINTS`]: one endpoint. Layout (20 bytes, alignment 2).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Endpoint {
+    /// Network byte order, IPv4-mapped for IPv4.
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    /// Explicit padding; must be zero.
+    pub _pad: u16,
+}
+
+/// Value of [`maps::MAGLEV`]: the lookup table of one endpoint set. `entries[hash % size]` is an
+/// index into the set. Layout: `size` (host order), padding, then the entries (host order).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MaglevTable {
+    /// The table size in use, a prime ≤ [`MAGLEV_MAX_SIZE`].
+    pub size: u32,
+    pub _pad: u32,
+    pub entries: [u32; MAGLEV_MAX_SIZE],
+}
+
+/// Key of [`maps::CONNTRACK`] and [`maps::REVNAT`]: a packet's addresses, ports and protocol.
+/// Layout (40 bytes, alignment 2): addresses and ports in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`maps::CONNTRACK`]: the endpoint a connection was translated to.
+/// Layout (32 bytes, alignment 4).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FrontendValue {
-    /// Identifier of the service port this frontend belongs to, assigned by userspace; host
-    /// byte order. The backend and reverse-NAT maps of the translation path will be keyed by it.
+pub struct CtValue {
+    /// The endpoint, network byte order.
+    pub addr: [u8; 16],
+    pub port: u16,
+    /// [`ct`] flags.
+    pub flags: u8,
+    pub _pad: u8,
+    /// The set and slot the endpoint was chosen from (host order): a retransmitted SYN keeps
+    /// the endpoint while the frontend still uses this set.
+    pub set: u32,
+    pub index: u32,
+    pub _pad2: u32,
+}
+
+/// Value of [`maps::REVNAT`]: the frontend a reply's source is translated back to.
+/// Layout (20 bytes, alignment 2), network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RevNatValue {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of [`maps::AFFINITY`]: one client of one service port's endpoint set kind.
+/// Layout (24 bytes, alignment 4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// Host order.
     pub service_id: u32,
+    /// 0: the main set, 1: the short-circuit set.
+    pub short_circuit: u32,
+    /// The client address, network byte order.
+    pub client: [u8; 16],
+}
+
+/// Value of [`maps::AFFINITY`]. Layout (32 bytes, alignment 8).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    /// `bpf_ktime_get_ns` of the last new connection of this client.
+    pub last_seen_ns: u64,
+    /// The endpoint (network order) and its slot (host order): valid while the slot of the
+    /// frontend's current set still holds this endpoint.
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: u16,
+    pub index: u32,
+}
+
+/// Key of [`maps::SOURCE_RANGES`] as the LPM trie sees it (after the 4-byte prefix length):
+/// the service id in network byte order (always fully matched), then the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceRangeKey {
+    /// Network byte order.
+    pub service_id: u32,
+    pub addr: [u8; 16],
+}
+
+impl SourceRangeKey {
+    /// The LPM prefix length of a key whose address prefix is `addr_prefix` bits of the
+    /// 16-byte (mapped) address.
+    pub const fn prefix_len(addr_prefix: u32) -> u32 {
+        32 + addr_prefix
+    }
+}
+
+/// Key of [`maps::SOCK_REVNAT`]: a node socket (its cookie) and the endpoint it sent to.
+/// Layout (32 bytes, alignment 8).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub cookie: u64,
+    /// Network byte order.
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: [u8; 6],
 }
 
 /// Indices of the counters in [`maps::STATS`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Stat {
-    /// A TCP/UDP/SCTP packet whose (destination address, port, protocol) is a service frontend.
+    /// A new connection to a frontend, translated to an endpoint.
     ServiceHit = 0,
     /// A TCP/UDP/SCTP packet to no service frontend.
     ServiceMiss = 1,
@@ -109,14 +387,44 @@ pub enum Stat {
     /// A packet the service path does not handle: not IPv4/IPv6 (ARP, …), another transport
     /// (ICMP, …) or a non-first IP fragment.
     NotApplicable = 3,
+    /// A later packet of a translated connection (CONNTRACK hit).
+    Established = 4,
+    /// A reply translated back to its frontend (REVNAT hit).
+    ReverseNat = 5,
+    /// Marked for REJECT: no endpoints, or an undefined port of a ClusterIP.
+    Reject = 6,
+    /// Dropped: policy Local without a local endpoint, outside source ranges, unallocated
+    /// service address.
+    Drop = 7,
+    /// A TCP packet other than a SYN to a frontend with no CONNTRACK entry (evicted, or from
+    /// before ferry): left untouched.
+    NoConnection = 8,
+    /// A slot the frontend names is missing from ENDPOINTS (or its Maglev table): left untouched.
+    EndpointMissing = 9,
+    /// A CONNTRACK/REVNAT/AFFINITY insert failed.
+    MapUpdateFailed = 10,
+    /// A connect/sendmsg of a node process translated by the cgroup programs.
+    SocketTranslated = 11,
 }
 
 impl Stat {
     /// Number of counters, the `max_entries` of [`maps::STATS`].
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 12;
     /// Every counter, in index order.
-    pub const ALL: [Self; Self::COUNT as usize] =
-        [Self::ServiceHit, Self::ServiceMiss, Self::ParseError, Self::NotApplicable];
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::ServiceHit,
+        Self::ServiceMiss,
+        Self::ParseError,
+        Self::NotApplicable,
+        Self::Established,
+        Self::ReverseNat,
+        Self::Reject,
+        Self::Drop,
+        Self::NoConnection,
+        Self::EndpointMissing,
+        Self::MapUpdateFailed,
+        Self::SocketTranslated,
+    ];
 
     /// The index in [`maps::STATS`].
     pub const fn index(self) -> u32 {
@@ -130,8 +438,41 @@ impl Stat {
             Self::ServiceMiss => "service_miss",
             Self::ParseError => "parse_error",
             Self::NotApplicable => "not_applicable",
+            Self::Established => "established",
+            Self::ReverseNat => "reverse_nat",
+            Self::Reject => "reject",
+            Self::Drop => "drop",
+            Self::NoConnection => "no_connection",
+            Self::EndpointMissing => "endpoint_missing",
+            Self::MapUpdateFailed => "map_update_failed",
+            Self::SocketTranslated => "socket_translated",
         }
     }
+}
+
+/// The hash the TC program feeds to Maglev: FNV-1a over the client address and port, the
+/// frontend address and port, and the protocol. Shared so that userspace tests agree with
+/// the program.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < 16 {
+        h = (h ^ u32::from(key.saddr[i])).wrapping_mul(0x0100_0193);
+        h = (h ^ u32::from(key.daddr[i])).wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    let [s0, s1] = key.sport.to_ne_bytes();
+    let [d0, d1] = key.dport.to_ne_bytes();
+    for b in [s0, s1, d0, d1, key.protocol] {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    // FNV's low bits mix poorly; fold the high half in (murmur3's finaliser).
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
 
 // Layout checks: a change here is a change of the kernel ABI between program and userspace.
@@ -140,17 +481,37 @@ const _: () = {
     assert!(core::mem::align_of::<FrontendKey>() == 2);
     assert!(core::mem::offset_of!(FrontendKey, port) == 16);
     assert!(core::mem::offset_of!(FrontendKey, protocol) == 18);
-    assert!(core::mem::size_of::<FrontendValue>() == 4);
+    assert!(core::mem::size_of::<FrontendValue>() == 32);
+    assert!(core::mem::size_of::<EndpointKey>() == 8);
+    assert!(core::mem::size_of::<Endpoint>() == 20);
+    assert!(core::mem::size_of::<MaglevTable>() == 8 + 4 * MAGLEV_MAX_SIZE);
+    assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<CtValue>() == 32);
+    assert!(core::mem::size_of::<RevNatValue>() == 20);
+    assert!(core::mem::size_of::<AffinityKey>() == 24);
+    assert!(core::mem::size_of::<AffinityValue>() == 32);
+    assert!(core::mem::size_of::<SourceRangeKey>() == 20);
+    assert!(core::mem::size_of::<SockKey>() == 32);
 };
 
 #[cfg(feature = "user")]
 #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait: it asserts the types are plain bytes")]
 mod pod {
-    // SAFETY: `#[repr(C)]`, only integer fields and explicit padding: every bit pattern is valid
-    // and there are no implicit padding bytes (checked by the layout assertions above).
+    // SAFETY (all of them): `#[repr(C)]`, only integer fields and explicit padding: every bit
+    // pattern is valid and there are no implicit padding bytes (checked by the layout
+    // assertions above).
     unsafe impl aya::Pod for super::FrontendKey {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::FrontendValue {}
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::MaglevTable {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::RevNatValue {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::SourceRangeKey {}
+    unsafe impl aya::Pod for super::SockKey {}
 }
 
 #[cfg(test)]
@@ -180,5 +541,22 @@ mod tests {
         for (i, stat) in Stat::ALL.iter().enumerate() {
             assert_eq!(stat.index() as usize, i, "{}", stat.name());
         }
+    }
+
+    #[test]
+    fn flow_hash_depends_on_every_field() {
+        let base = FlowKey {
+            saddr: ipv4_mapped([10, 0, 0, 1]),
+            daddr: ipv4_mapped([10, 96, 0, 1]),
+            sport: 1000u16.to_be(),
+            dport: 80u16.to_be(),
+            protocol: protocol::TCP,
+            _pad: [0; 3],
+        };
+        let h = flow_hash(&base);
+        assert_ne!(h, flow_hash(&FlowKey { sport: 1001u16.to_be(), ..base }));
+        assert_ne!(h, flow_hash(&FlowKey { dport: 81u16.to_be(), ..base }));
+        assert_ne!(h, flow_hash(&FlowKey { protocol: protocol::UDP, ..base }));
+        assert_ne!(h, flow_hash(&FlowKey { saddr: ipv4_mapped([10, 0, 0, 2]), ..base }));
     }
 }

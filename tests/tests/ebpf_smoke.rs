@@ -1,6 +1,7 @@
 //! Kernel smoke test of ferry's eBPF object: the object `proxy` embeds loads, its TC ingress
 //! program attaches to a veth inside a sandbox namespace, and real traffic from a peer
-//! namespace moves the right counters: service frontend hits, misses, and parse errors.
+//! namespace moves the right counters: frontends without endpoints (REJECT), misses, and
+//! parse errors.
 //!
 //! Runs as root (`cargo xtask test`); everything it creates lives in the sandbox's namespaces
 //! (the program is attached with TCX to the node namespace's `eth0`, no pins) and goes away
@@ -30,7 +31,7 @@ const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x5, 0, 0, 0, 0, 0x10);
 const NODE_PORT: u16 = 30080;
 
 #[test]
-fn tc_ingress_counts_service_frontend_hits_misses_and_parse_errors() {
+fn tc_ingress_counts_frontends_without_endpoints_misses_and_parse_errors() {
     let sb = Sandbox::new("ebpf_smoke").expect("sandbox (the kernel tests run as root)");
     let node = sb.netns("node").expect("node namespace");
     let client = sb.netns("client").expect("client namespace");
@@ -57,13 +58,17 @@ fn tc_ingress_counts_service_frontend_hits_misses_and_parse_errors() {
             (FrontendKey::ipv6(VIP6.octets(), 53, protocol::UDP), 3),
         ];
         for (key, service_id) in frontends {
-            services.insert(key, FrontendValue { service_id }, 0).expect("insert a frontend");
+            // No endpoint set: every new connection is marked for REJECT (no nftables here, so
+            // the packets go on and are counted).
+            services
+                .insert(key, FrontendValue { service_id, ..FrontendValue::default() }, 0)
+                .expect("insert a frontend");
         }
     }
 
     client
         .run(|| {
-            // Frontend hits: a UDP datagram to an IPv4 VIP, a TCP SYN to a NodePort (the node
+            // Frontend hits (marked for REJECT): a UDP datagram to an IPv4 VIP, a TCP SYN to a NodePort (the node
             // answers RST, so exactly one SYN), a UDP datagram to an IPv6 VIP.
             send_udp(SocketAddr::new(IpAddr::V4(VIP), 53));
             send_tcp_syn(SocketAddr::new(IpAddr::V4(NODE_IP), NODE_PORT));
@@ -76,7 +81,7 @@ fn tc_ingress_counts_service_frontend_hits_misses_and_parse_errors() {
         })
         .expect("run in the client namespace");
 
-    let expected = [(Stat::ServiceHit, 3), (Stat::ServiceMiss, 2), (Stat::ParseError, 1)];
+    let expected = [(Stat::Reject, 3), (Stat::ServiceMiss, 2), (Stat::ParseError, 1)];
     let stats = wait_for_stats(&ebpf, &expected);
     for (stat, want) in expected {
         assert_eq!(stats[stat.index() as usize], want, "counter {} (all: {})", stat.name(), describe(&stats));

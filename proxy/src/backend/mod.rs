@@ -1,6 +1,7 @@
 //! Backends compile the plan into a data plane. Each one applies the difference between the
 //! last applied plan and the new one, and can re-apply everything to repair drift.
 
+pub mod ebpf;
 pub mod nftables;
 
 use std::time::Duration;
@@ -29,6 +30,8 @@ pub struct SyncReport {
 pub enum BackendError {
     #[error("nftables: {0}")]
     Nft(#[from] nftables::NftError),
+    #[error("eBPF: {0}")]
+    Ebpf(#[from] ebpf::EbpfError),
     #[error("backend {0:?} is not available in this build (see README, \"Not done yet\")")]
     Unavailable(BackendKind),
 }

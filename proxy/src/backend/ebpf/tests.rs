@@ -1,0 +1,145 @@
+//! Unit tests of the eBPF backend against the fake maps: what a plan compiles to, and that
+//! syncs write only what changed, flip sets atomically and repair drift.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use proxy_common::{EndpointKey, FrontendKey, frontend, protocol};
+
+use super::maps::{FakeMaps, MapTable};
+use super::state::State;
+use crate::model::{IpFamily, Protocol, ServiceKey, ServicePortName};
+use crate::plan::{NodeConfig, Plan, PlanDiff, PortKey, ServicePortPlan};
+
+fn port(name: &str, ip: &str, endpoints: &[&str]) -> ServicePortPlan {
+    let eps: Vec<SocketAddr> = endpoints.iter().map(|e| e.parse().expect("endpoint")).collect();
+    ServicePortPlan {
+        name: ServicePortName {
+            service: ServiceKey { namespace: "default".into(), name: name.into() },
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        },
+        family: IpFamily::V4,
+        protocol: Protocol::Tcp,
+        cluster_ip: ip.parse().expect("ip"),
+        port: 80,
+        node_port: None,
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        source_ranges: vec![],
+        internal_policy_local: false,
+        external_policy_local: false,
+        health_check_node_port: None,
+        affinity_timeout: None,
+        cluster_endpoints: eps.clone(),
+        local_endpoints: vec![],
+        has_endpoints: !eps.is_empty(),
+        hairpin_ips: vec![],
+    }
+}
+
+fn plan(ports: &[ServicePortPlan]) -> Plan {
+    let mut plan = Plan::default();
+    for p in ports {
+        plan.cluster_ips.insert(p.cluster_ip);
+        plan.ports.insert(PortKey { family: p.family, name: p.name.clone() }, Arc::new(p.clone()));
+    }
+    plan
+}
+
+fn config() -> NodeConfig {
+    NodeConfig::for_test("node", &["192.168.0.10"], &["10.0.0.0/16"])
+}
+
+fn vip(ip: [u8; 4]) -> FrontendKey {
+    FrontendKey::ipv4(ip, 80, protocol::TCP)
+}
+
+#[test]
+fn a_cluster_ip_becomes_one_frontend_and_one_endpoint_set() {
+    let p = plan(&[port("web", "10.96.0.10", &["10.0.1.10:8080", "10.0.2.10:8080"])]);
+    let mut maps = FakeMaps::default();
+    let mut state = State::new(251);
+    state.full(&p, &config(), &mut maps).expect("sync");
+    let fe = maps.services.0[&vip([10, 96, 0, 10])];
+    assert_eq!(fe.count, 2);
+    assert_eq!(fe.flags, frontend::MASQ_NOT_POD, "off-cluster sources are masqueraded");
+    assert_eq!(maps.endpoints.0.len(), 2);
+    assert!(maps.maglev.0.is_empty(), "ClusterIPs choose randomly");
+    let text = super::render(&p, &config(), 251);
+    assert!(text.contains("10.96.0.10:80/tcp service=1 set=1x2 flags=masq-not-pod"), "{text}");
+    assert!(text.contains("set=1 index=1 10.0.2.10:8080"), "{text}");
+    assert!(text.contains("10.96.0.10/32 reject"), "{text}");
+    assert!(text.contains("masquerade fully-random"), "{text}");
+}
+
+#[test]
+fn an_endpoint_change_writes_a_new_set_flips_the_frontend_and_deletes_the_old_set_one_sync_later() {
+    let before = port("web", "10.96.0.10", &["10.0.1.10:8080", "10.0.2.10:8080"]);
+    let other = port("db", "10.96.0.11", &["10.0.1.20:5432"]);
+    let mut maps = FakeMaps::default();
+    let mut state = State::new(251);
+    state.full(&plan(&[before.clone(), other.clone()]), &config(), &mut maps).expect("sync");
+    let old_set = maps.services.0[&vip([10, 96, 0, 10])].set;
+    let db = maps.services.0[&vip([10, 96, 0, 11])];
+
+    let after = port("web", "10.96.0.10", &["10.0.1.10:8080", "10.0.2.10:8080", "10.0.2.11:8080"]);
+    let diff = PlanDiff { changed: vec![(Arc::new(before), Arc::new(after.clone()))], ..PlanDiff::default() };
+    let p = plan(&[after, other]);
+    state.partial(&p, &diff, &config(), &mut maps).expect("partial sync");
+    assert_eq!(state.operations, 4, "three slots and one frontend");
+    let fe = maps.services.0[&vip([10, 96, 0, 10])];
+    assert_ne!(fe.set, old_set, "a changed list gets a new set id");
+    assert_eq!(fe.count, 3);
+    assert_eq!(maps.services.0[&vip([10, 96, 0, 11])], db, "the other service is untouched");
+    assert!(
+        maps.endpoints.0.contains_key(&EndpointKey { set: old_set, index: 0 }),
+        "the old set stays for packets that read the frontend before the flip"
+    );
+    state.partial(&p, &PlanDiff::default(), &config(), &mut maps).expect("next sync");
+    assert!(!maps.endpoints.0.keys().any(|k| k.set == old_set), "retired set deleted one sync later");
+}
+
+#[test]
+fn a_full_sync_repairs_drift_and_a_restarted_state_adopts_the_maps_without_writing() {
+    let p = plan(&[
+        port("web", "10.96.0.10", &["10.0.1.10:8080"]),
+        port("db", "10.96.0.11", &["10.0.1.20:5432"]),
+    ]);
+    let mut maps = FakeMaps::default();
+    let mut state = State::new(251);
+    state.full(&p, &config(), &mut maps).expect("sync");
+    let good = maps.services.0.clone();
+
+    maps.services.del(&vip([10, 96, 0, 10])).expect("drift: a frontend deleted");
+    maps.services.put(&vip([10, 96, 9, 9]), &good[&vip([10, 96, 0, 11])]).expect("drift: a stray frontend");
+    state.full(&p, &config(), &mut maps).expect("repair");
+    assert_eq!(maps.services.0, good, "repaired");
+
+    let mut restarted = State::new(251);
+    restarted.full(&p, &config(), &mut maps).expect("sync after a restart");
+    assert_eq!(restarted.operations, 0, "identical sets are adopted, frontends already right");
+    assert_eq!(maps.services.0, good);
+}
+
+#[test]
+fn external_frontends_use_maglev_and_policy_local_short_circuits_pods() {
+    let mut p = port("web", "10.96.0.10", &["10.0.1.10:8080", "10.0.2.10:8080"]);
+    p.node_port = Some(30080);
+    p.external_policy_local = true;
+    p.local_endpoints = vec!["10.0.1.10:8080".parse().expect("ep")];
+    let mut maps = FakeMaps::default();
+    let mut state = State::new(251);
+    state.full(&plan(&[p]), &config(), &mut maps).expect("sync");
+    let np = maps.services.0[&FrontendKey::from_raw(proxy_common::NODE_PORT_ADDR_V4, 30080u16.to_be(), 6)];
+    assert_eq!(np.count, 1, "outside clients: local endpoints");
+    assert_eq!(np.sc_count, 2, "pods and the node: cluster endpoints");
+    for flag in
+        [frontend::MAGLEV, frontend::NODE_PORT, frontend::SHORT_CIRCUIT_PODS, frontend::SHORT_CIRCUIT_NODE]
+    {
+        assert_ne!(np.flags & flag, 0, "flag {flag:#x}");
+    }
+    assert_eq!(np.flags & frontend::MASQ_ALWAYS, 0, "policy Local keeps the client address");
+    assert_eq!(maps.maglev.0.len(), 1, "one Maglev table, for the local set");
+    assert_eq!(maps.maglev.0[&np.set].size, 251);
+}

@@ -1,0 +1,373 @@
+//! Helpers of the eBPF suites: a per-test bpffs, plans built in code, crafted Ethernet frames
+//! with correct checksums, and BPF_PROG_TEST_RUN runs of the TC programs.
+
+#![allow(dead_code, reason = "shared by several test binaries, each using a part of it")]
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use proxy::backend::ebpf::kernel::Kernel;
+use proxy::model::{IpFamily, Protocol, ServiceKey, ServicePortName};
+use proxy::plan::{Plan, PortKey, ServicePortPlan};
+use proxy_common::programs;
+
+/// A bpffs mounted on a per-test temporary directory; unmounted and removed on drop.
+pub struct Bpffs {
+    path: PathBuf,
+}
+
+impl Bpffs {
+    #[expect(unsafe_code, reason = "mount(2) through libc")]
+    pub fn mount(test: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("ferry-bpffs-{}-{test}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("bpffs directory");
+        let c = std::ffi::CString::new(path.to_string_lossy().as_bytes()).expect("path");
+        // SAFETY: valid C strings, no data.
+        let rc = unsafe { libc::mount(c"bpf".as_ptr(), c.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+        assert_eq!(rc, 0, "mount bpffs at {}: {}", path.display(), std::io::Error::last_os_error());
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Bpffs {
+    #[expect(unsafe_code, reason = "umount2(2) through libc")]
+    fn drop(&mut self) {
+        if let Ok(c) = std::ffi::CString::new(self.path.to_string_lossy().as_bytes()) {
+            // SAFETY: a valid C string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// A service port plan built in code.
+#[derive(Clone)]
+pub struct PortPlan(pub ServicePortPlan);
+
+impl PortPlan {
+    /// A TCP ClusterIP port with `endpoints` (all ready; those in 10.0.1.0/24 and fd00:10::1:0/112 are local).
+    pub fn cluster_ip(name: &str, ip: &str, port: u16, endpoints: &[SocketAddr]) -> Self {
+        let cluster_ip: IpAddr = ip.parse().expect("ClusterIP literal");
+        let local: Vec<SocketAddr> = endpoints.iter().copied().filter(is_local).collect();
+        Self(ServicePortPlan {
+            name: ServicePortName {
+                service: ServiceKey { namespace: "t".into(), name: name.into() },
+                port: String::new(),
+                protocol: Protocol::Tcp,
+            },
+            family: IpFamily::of(&cluster_ip),
+            protocol: Protocol::Tcp,
+            cluster_ip,
+            port,
+            node_port: None,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            source_ranges: vec![],
+            internal_policy_local: false,
+            external_policy_local: false,
+            health_check_node_port: None,
+            affinity_timeout: None,
+            cluster_endpoints: endpoints.to_vec(),
+            hairpin_ips: local.iter().map(SocketAddr::ip).collect(),
+            local_endpoints: local,
+            has_endpoints: !endpoints.is_empty(),
+        })
+    }
+
+    pub fn udp(mut self) -> Self {
+        self.0.protocol = Protocol::Udp;
+        self.0.name.protocol = Protocol::Udp;
+        self
+    }
+
+    pub fn node_port(mut self, port: u16) -> Self {
+        self.0.node_port = Some(port);
+        self
+    }
+
+    pub fn load_balancer(mut self, ip: &str) -> Self {
+        self.0.load_balancer_ips.push(ip.parse().expect("IP literal"));
+        self
+    }
+
+    pub fn source_ranges(mut self, ranges: &[&str]) -> Self {
+        self.0.source_ranges = ranges.iter().map(|r| r.parse().expect("CIDR literal")).collect();
+        self
+    }
+
+    /// internalTrafficPolicy Local with these local endpoints.
+    pub fn internal_local(mut self, local: &[SocketAddr]) -> Self {
+        self.0.internal_policy_local = true;
+        self.0.local_endpoints = local.to_vec();
+        self
+    }
+
+    /// externalTrafficPolicy Local with these local endpoints.
+    pub fn external_local(mut self, local: &[SocketAddr]) -> Self {
+        self.0.external_policy_local = true;
+        self.0.local_endpoints = local.to_vec();
+        self
+    }
+
+    pub fn affinity(mut self, seconds: u32) -> Self {
+        self.0.affinity_timeout = Some(seconds);
+        self
+    }
+}
+
+fn is_local(ep: &SocketAddr) -> bool {
+    match ep.ip() {
+        IpAddr::V4(a) => a.octets()[..3] == [10, 0, 1],
+        IpAddr::V6(a) => a.segments()[..7] == [0xfd00, 0x10, 0, 0, 0, 0, 1],
+    }
+}
+
+/// A plan of `ports`, with their ClusterIPs allocated and the test service CIDRs.
+pub fn plan_of(ports: &[PortPlan]) -> Plan {
+    let mut plan = Plan::default();
+    for p in ports {
+        let p = &p.0;
+        plan.cluster_ips.insert(p.cluster_ip);
+        plan.ports.insert(PortKey { family: p.family, name: p.name.clone() }, Arc::new(p.clone()));
+    }
+    plan.service_cidrs = vec!["10.96.0.0/16".parse().expect("cidr"), "fd00:96::/112".parse().expect("cidr")];
+    plan
+}
+
+/// An Ethernet frame carrying IPv4/IPv6 and TCP/UDP.
+#[derive(Clone, Debug)]
+pub struct Frame(pub Vec<u8>);
+
+impl Frame {
+    pub const SYN: u8 = 0x02;
+    pub const ACK: u8 = 0x10;
+    pub const PSH: u8 = 0x08;
+
+    pub fn tcp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Self {
+        Self::build(src.into(), sport, dst.into(), dport, 6, flags, b"")
+    }
+
+    pub fn udp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Self {
+        Self::build(src.into(), sport, dst.into(), dport, 17, 0, payload)
+    }
+
+    pub fn tcp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: u8) -> Self {
+        Self::build(src.into(), sport, dst.into(), dport, 6, flags, b"")
+    }
+
+    pub fn udp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, payload: &[u8]) -> Self {
+        Self::build(src.into(), sport, dst.into(), dport, 17, 0, payload)
+    }
+
+    fn build(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8, flags: u8, payload: &[u8]) -> Self {
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&sport.to_be_bytes());
+        l4.extend_from_slice(&dport.to_be_bytes());
+        if proto == 6 {
+            l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
+            l4.extend_from_slice(&0u32.to_be_bytes()); // ack
+            l4.push(5 << 4);
+            l4.push(flags);
+            l4.extend_from_slice(&65535u16.to_be_bytes());
+            l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+        } else {
+            l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+        }
+        l4.extend_from_slice(payload);
+        let csum_off = if proto == 6 { 16 } else { 6 };
+        let sum = l4_checksum(&src, &dst, proto, &l4);
+        l4[csum_off..csum_off + 2].copy_from_slice(&sum.to_be_bytes());
+
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                f.extend_from_slice(&0x0800u16.to_be_bytes());
+                let mut ip = vec![0x45, 0];
+                ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+                ip.extend_from_slice(&[0, 1, 0x40, 0, 64, proto, 0, 0]);
+                ip.extend_from_slice(&s.octets());
+                ip.extend_from_slice(&d.octets());
+                let c = fold(sum16(&ip, 0));
+                ip[10..12].copy_from_slice(&(!c).to_be_bytes());
+                f.extend_from_slice(&ip);
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                f.extend_from_slice(&0x86ddu16.to_be_bytes());
+                f.extend_from_slice(&[0x60, 0, 0, 0]);
+                f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+                f.extend_from_slice(&[proto, 64]);
+                f.extend_from_slice(&s.octets());
+                f.extend_from_slice(&d.octets());
+            }
+            _ => panic!("mixed families"),
+        }
+        f.extend_from_slice(&l4);
+        Self(f)
+    }
+
+    /// Sets an IPv4 UDP datagram's checksum to 0 ("none").
+    pub fn zero_udp_checksum(&mut self) {
+        let l4 = 14 + 20;
+        self.0[l4 + 6] = 0;
+        self.0[l4 + 7] = 0;
+    }
+}
+
+fn sum16(bytes: &[u8], mut acc: u32) -> u32 {
+    for chunk in bytes.chunks(2) {
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from(chunk[0]) << 8
+        };
+        acc += u32::from(word);
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+fn pseudo(src: &IpAddr, dst: &IpAddr, proto: u8, len: usize) -> u32 {
+    let mut acc = 0;
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            acc = sum16(&s.octets(), acc);
+            acc = sum16(&d.octets(), acc);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            acc = sum16(&s.octets(), acc);
+            acc = sum16(&d.octets(), acc);
+        }
+        _ => {}
+    }
+    acc + u32::from(proto) + len as u32
+}
+
+/// The TCP/UDP checksum of `l4` (its checksum field zero) over the pseudo-header.
+fn l4_checksum(src: &IpAddr, dst: &IpAddr, proto: u8, l4: &[u8]) -> u16 {
+    let c = !fold(sum16(l4, pseudo(src, dst, proto, l4.len())));
+    if c == 0 && proto == 17 { 0xffff } else { c }
+}
+
+/// What a program run returned.
+pub struct RunOut {
+    pub verdict: u32,
+    /// `skb->mark` after the run.
+    pub mark: u32,
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub struct Parsed {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub ip_checksum_valid: bool,
+    pub l4_checksum: u16,
+    /// IPv4 header checksum (if IPv4) and transport checksum verify.
+    pub checksums_valid: bool,
+}
+
+impl RunOut {
+    pub fn parse(&self) -> Parsed {
+        let d = &self.data;
+        let ethertype = u16::from_be_bytes([d[12], d[13]]);
+        let (src, dst, proto, l4, ip_ok) = if ethertype == 0x0800 {
+            let ihl = usize::from(d[14] & 0x0f) * 4;
+            let ip = &d[14..14 + ihl];
+            let s = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+            let t = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+            (IpAddr::V4(s), IpAddr::V4(t), ip[9], 14 + ihl, fold(sum16(ip, 0)) == 0xffff)
+        } else {
+            let s: [u8; 16] = d[22..38].try_into().expect("16 bytes");
+            let t: [u8; 16] = d[38..54].try_into().expect("16 bytes");
+            (IpAddr::V6(s.into()), IpAddr::V6(t.into()), d[20], 54, true)
+        };
+        let seg = &d[l4..];
+        let sport = u16::from_be_bytes([seg[0], seg[1]]);
+        let dport = u16::from_be_bytes([seg[2], seg[3]]);
+        let off = if proto == 6 { 16 } else { 6 };
+        let l4_checksum = u16::from_be_bytes([seg[off], seg[off + 1]]);
+        let l4_ok = (proto == 17 && l4_checksum == 0 && src.is_ipv4())
+            || fold(sum16(seg, pseudo(&src, &dst, proto, seg.len()))) == 0xffff;
+        Parsed {
+            src: SocketAddr::new(src, sport),
+            dst: SocketAddr::new(dst, dport),
+            ip_checksum_valid: ip_ok,
+            l4_checksum,
+            checksums_valid: ip_ok && l4_ok,
+        }
+    }
+}
+
+/// `struct __sk_buff` is 192 bytes on current kernels; `mark` is at offset 8.
+const SKB_CTX_LEN: usize = 192;
+
+pub struct TestRun;
+
+impl TestRun {
+    pub fn ingress(kernel: &Kernel, frame: &Frame) -> RunOut {
+        Self::run(kernel, programs::TC_INGRESS, frame)
+    }
+
+    pub fn egress(kernel: &Kernel, frame: &Frame) -> RunOut {
+        Self::run(kernel, programs::TC_EGRESS, frame)
+    }
+
+    pub fn run(kernel: &Kernel, program: &str, frame: &Frame) -> RunOut {
+        let prog = kernel.tc_program(program).expect("the TC program is loaded");
+        let mut data_out = vec![0u8; frame.0.len() + 256];
+        let ctx_in = vec![0u8; SKB_CTX_LEN];
+        let mut ctx_out = vec![0u8; SKB_CTX_LEN];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&frame.0),
+                data_out: Some(&mut data_out),
+                ctx_in: Some(&ctx_in),
+                ctx_out: Some(&mut ctx_out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        data_out.truncate(result.data_size_out as usize);
+        let mark = u32::from_ne_bytes(ctx_out[8..12].try_into().expect("4 bytes"));
+        RunOut { verdict: result.return_value, mark, data: data_out }
+    }
+
+    /// Average nanoseconds per run of `program` over `repeat` runs of `frame`.
+    pub fn repeat(kernel: &Kernel, program: &str, frame: &Frame, repeat: u32) -> u64 {
+        let prog = kernel.tc_program(program).expect("the TC program is loaded");
+        let mut data_out = vec![0u8; frame.0.len() + 256];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&frame.0),
+                data_out: Some(&mut data_out),
+                repeat,
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        // The kernel reports the average duration per run.
+        result.duration.as_nanos() as u64
+    }
+}
+
+/// Counts of endpoints in replies.
+pub fn histogram(addrs: impl IntoIterator<Item = SocketAddr>) -> BTreeMap<SocketAddr, usize> {
+    let mut h = BTreeMap::new();
+    for a in addrs {
+        *h.entry(a).or_insert(0) += 1;
+    }
+    h
+}
