@@ -31,8 +31,13 @@ pub enum KernelError {
     Map(#[from] MapError),
 }
 
-fn setup(what: impl Into<String>, e: impl std::fmt::Display) -> KernelError {
-    KernelError::Setup { what: what.into(), message: e.to_string() }
+fn setup_msg(what: impl Into<String>, message: &str) -> KernelError {
+    KernelError::Setup { what: what.into(), message: message.to_owned() }
+}
+
+fn setup(what: impl Into<String>, e: impl std::fmt::Display + std::fmt::Debug) -> KernelError {
+    // aya's Display often leaves out the errno, which Debug shows.
+    KernelError::Setup { what: what.into(), message: format!("{e} ({e:?})") }
 }
 
 /// Where ferry keeps its pins inside a bpffs.
@@ -107,7 +112,7 @@ pub fn in_netns<T: Send>(netns: Option<&str>, f: impl FnOnce() -> T + Send) -> R
             Ok(f())
         })
         .join()
-        .map_err(|_| setup("netns thread", "panicked"))?
+        .map_err(|_| setup_msg("netns thread", "panicked"))?
     })
 }
 
@@ -141,7 +146,7 @@ impl Kernel {
         for name in [programs::TC_INGRESS, programs::TC_EGRESS] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
-                .ok_or_else(|| setup(name, "missing from the object"))?
+                .ok_or_else(|| setup_msg(name, "missing from the object"))?
                 .try_into()
                 .map_err(|e| setup(name, e))?;
             prog.load().map_err(|e| setup(format!("verifying {name}"), e))?;
@@ -166,7 +171,8 @@ impl Kernel {
 
     /// The pinned link of one interface and direction.
     fn link_pin(&self, iface: &str, dir: &str) -> PathBuf {
-        self.pins.join("links").join(format!("tc-{iface}-{dir}"))
+        // bpffs refuses names with dots (VLAN interfaces have them).
+        self.pins.join("links").join(format!("tc-{}-{dir}", iface.replace('.', "%")))
     }
 
     /// Attaches the TC programs to `iface` (ingress and egress) in the calling thread's
@@ -180,7 +186,7 @@ impl Kernel {
             let prog: &mut SchedClassifier = self
                 .ebpf
                 .program_mut(name)
-                .ok_or_else(|| setup(name, "missing from the object"))?
+                .ok_or_else(|| setup_msg(name, "missing from the object"))?
                 .try_into()
                 .map_err(|e| setup(name, e))?;
             let replaced = match PinnedLink::from_pin(&pin) {
@@ -231,17 +237,18 @@ impl Kernel {
             let prog: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)
-                .ok_or_else(|| setup(name, "missing from the object"))?
+                .ok_or_else(|| setup_msg(name, "missing from the object"))?
                 .try_into()
                 .map_err(|e| setup(name, e))?;
             prog.load().map_err(|e| setup(format!("verifying {name}"), e))?;
             let id = prog
-                .attach(&dir, CgroupAttachMode::AllowMultiple)
+                .attach(&dir, CgroupAttachMode::Single)
                 .map_err(|e| setup(format!("attaching {name} to {}", cgroup.display()), e))?;
             let link = prog.take_link(id).map_err(|e| setup("link", e))?;
             let fd: FdLink = link.try_into().map_err(|e: LinkError| setup("link", e))?;
             let pin = self.pins.join("links").join(format!("cgroup-{name}"));
-            let fresh = pin.with_extension("new");
+            // bpffs refuses names with dots.
+            let fresh = self.pins.join("links").join(format!("cgroup-{name}-new"));
             let _ = std::fs::remove_file(&fresh);
             fd.pin(&fresh).map_err(|e| setup(format!("pinning {}", fresh.display()), e))?;
             // Replacing the old pin releases the old link (and detaches its program).
@@ -263,7 +270,7 @@ fn pinned_interfaces(pins: &Path) -> Vec<String> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix("tc-").and_then(|r| r.strip_suffix("-ingress")).map(str::to_owned)
+            name.strip_prefix("tc-").and_then(|r| r.strip_suffix("-ingress")).map(|i| i.replace('%', "."))
         })
         .collect();
     out.sort();
@@ -431,7 +438,7 @@ pub struct KernelMaps {
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, KernelError> {
-    ebpf.take_map(name).ok_or_else(|| setup(name, "missing from the object"))
+    ebpf.take_map(name).ok_or_else(|| setup_msg(name, "missing from the object"))
 }
 
 fn hash<K: aya::Pod, V: aya::Pod>(
