@@ -152,7 +152,7 @@ pub async fn run_with_backend(
     start_source(&settings, tx).await?;
     let (reload_tx, reload_rx) = mpsc::channel::<()>(1);
     if let Some(path) = settings.config_file.clone() {
-        tokio::spawn(watch_config(path, reload_tx.clone()));
+        tokio::spawn(watch_config(path, CONFIG_POLL, reload_tx.clone()));
     }
     info!(
         backend = backend.name(),
@@ -222,11 +222,12 @@ async fn start_source(settings: &Settings, tx: mpsc::Sender<StoreEvent>) -> anyh
     Ok(())
 }
 
-/// Sends a reload request when the file's content changes.
-async fn watch_config(path: PathBuf, tx: mpsc::Sender<()>) {
+/// Sends a reload request when the file's content changes (a ConfigMap update swaps the file;
+/// its modification time alone is not reliable).
+async fn watch_config(path: PathBuf, every: Duration, tx: mpsc::Sender<()>) {
     let mut last = tokio::fs::read(&path).await.ok();
     loop {
-        tokio::time::sleep(CONFIG_POLL).await;
+        tokio::time::sleep(every).await;
         let now = tokio::fs::read(&path).await.ok();
         if now.is_some() && now != last {
             info!(file = %path.display(), "configuration file changed");
@@ -513,5 +514,28 @@ async fn sleep_until_some(t: Option<Instant>) {
     match t {
         Some(t) => sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_changed_config_file_asks_for_a_reload_and_an_unchanged_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.conf");
+        std::fs::write(&path, "a").unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let watcher = tokio::spawn(watch_config(path.clone(), Duration::from_millis(20), tx));
+        let quiet = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+        assert!(quiet.is_err(), "no change, no reload");
+        std::fs::write(&path, "b").unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert_eq!(got, Ok(Some(())));
+        // A file that disappears (a ConfigMap swap in progress) is no change either.
+        std::fs::remove_file(&path).unwrap();
+        assert!(tokio::time::timeout(Duration::from_millis(200), rx.recv()).await.is_err());
+        watcher.abort();
     }
 }
