@@ -2,6 +2,9 @@
 //!
 //! Each command lives in its own module; add a module and a variant of [`Command`] for a new one.
 
+mod bench;
+mod bench_datapath;
+mod bench_kernel;
 mod demo;
 mod ebpf;
 mod setup;
@@ -28,6 +31,10 @@ enum Command {
     Test(test::Args),
     /// ferry's main job in a sandbox of network namespaces, with live manifest edits (needs root).
     Demo(demo::Args),
+    /// Kernel apply benchmark: ferry's nftables sync beside a kube-proxy-shaped ruleset (root).
+    BenchKernel(bench_kernel::Args),
+    /// Data-path benchmark: connection latency and throughput through a ClusterIP (root).
+    BenchDatapath(bench_datapath::Args),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +43,8 @@ fn main() -> ExitCode {
         Command::BuildEbpf(args) => ebpf::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::BenchKernel(args) => bench_kernel::run(&args),
+        Command::BenchDatapath(args) => bench_datapath::run(&args),
     };
     // One line per cause, no backtrace: these errors are for people, not for debugging xtask.
     match result {
