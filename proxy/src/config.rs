@@ -207,12 +207,13 @@ impl<'a> Section<'a> {
         }
     }
 
-    /// The sub-section `name`, whose fields are named `name.field`.
+    /// The top-level section `name`, whose fields are named `name.field` (every section ferry
+    /// reads sits at the top level).
     fn section(&self, name: &'a str) -> Result<Option<Section<'a>>, ConfigError> {
+        debug_assert!(self.path.is_empty(), "sections are read at the top level only");
         match self.get(name) {
             None => Ok(None),
-            Some(Value::Mapping(m)) if self.path.is_empty() => Ok(Some(Section { path: name, map: m })),
-            Some(Value::Mapping(_)) => Err(invalid(&self.field(name), &Value::Null, "nested too deep")),
+            Some(Value::Mapping(m)) => Ok(Some(Section { path: name, map: m })),
             Some(v) => Err(invalid(&self.field(name), v, "expected a mapping")),
         }
     }
