@@ -141,7 +141,7 @@ fn replay(seed: u64) {
     let ns = sb.netns("node").expect("netns");
     let scratch = sb.netns("fresh").expect("netns");
     let cfg = config();
-    let options = BackendOptions { netns: Some(ns.name().to_owned()) };
+    let options = BackendOptions { netns: Some(ns.name().to_owned()), ..BackendOptions::default() };
     let mut backend = build(BackendKind::Nftables, &options).expect("backend");
     let mut store = Store::new();
     let mut planner = Planner::new();
@@ -174,8 +174,11 @@ fn replay(seed: u64) {
     }
 
     // The same plan, compiled from scratch into an empty namespace, must give the same state.
-    let mut fresh = build(BackendKind::Nftables, &BackendOptions { netns: Some(scratch.name().to_owned()) })
-        .expect("backend");
+    let mut fresh = build(
+        BackendKind::Nftables,
+        &BackendOptions { netns: Some(scratch.name().to_owned()), ..BackendOptions::default() },
+    )
+    .expect("backend");
     fresh.sync(planner.plan(), None, &cfg).expect("full sync into a fresh namespace");
     // Partial syncs keep endpoint slots that emptied (the next full sync prunes them), so
     // compare what is filled.

@@ -41,6 +41,20 @@ pub enum BackendError {
 pub struct BackendOptions {
     /// Run `nft` inside this named network namespace (tests, benchmarks); None: ferry's own.
     pub netns: Option<String>,
+    /// eBPF (`--bpffs`): the bpffs ferry pins its maps and links under, mounted when nothing
+    /// is there; None: /sys/fs/bpf.
+    pub bpffs: Option<std::path::PathBuf>,
+    /// eBPF (`--cgroup-path`): the cgroup v2 directory for the socket programs (node
+    /// processes reaching services); None: no socket programs. `ebpf::default_cgroup_path`
+    /// finds the root of the hierarchy.
+    pub cgroup_path: Option<std::path::PathBuf>,
+    /// eBPF (`--interfaces`): interfaces for the TC programs; empty: all but `lo`, rescanned
+    /// at every sync.
+    pub interfaces: Vec<String>,
+    /// eBPF: map capacities.
+    pub ebpf_map_sizes: ebpf::MapSizes,
+    /// eBPF: Maglev table size, a prime ≤ 65,537; None: 65,537.
+    pub maglev_table_size: Option<u32>,
 }
 
 /// Creates the backend `kind`; the one place that knows which backends exist.
@@ -53,6 +67,7 @@ pub fn build(kind: BackendKind, options: &BackendOptions) -> Result<Box<dyn Back
         BackendKind::Nftables => {
             Ok(Box::new(nftables::NftBackend::with_netlink(Box::new(nft()), options.netns.clone())))
         }
+        BackendKind::Ebpf => Ok(Box::new(ebpf::EbpfBackend::new(ebpf::EbpfOptions::from(options))?)),
         other => Err(BackendError::Unavailable(other)),
     }
 }

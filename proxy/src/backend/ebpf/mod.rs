@@ -113,6 +113,29 @@ impl Default for EbpfOptions {
     }
 }
 
+impl From<&super::BackendOptions> for EbpfOptions {
+    fn from(o: &super::BackendOptions) -> Self {
+        let defaults = Self::default();
+        Self {
+            bpffs: o.bpffs.clone().unwrap_or(defaults.bpffs),
+            cgroup_path: o.cgroup_path.clone(),
+            interfaces: o.interfaces.clone(),
+            map_sizes: o.ebpf_map_sizes.clone(),
+            maglev_table_size: o.maglev_table_size.unwrap_or(defaults.maglev_table_size),
+            netns: o.netns.clone(),
+        }
+    }
+}
+
+/// The root of the cgroup v2 hierarchy (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on
+/// hybrid hosts): DESIGN.md's default for `--cgroup-path`. Tests pass a cgroup they created.
+pub fn default_cgroup_path() -> Option<PathBuf> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("cgroup.procs").exists() && p.join("cgroup.subtree_control").exists())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
     #[error(transparent)]
