@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::NodeFlags;
 use crate::admin::{DEFAULT_ADMIN_ADDRESS, parse_admin_address};
-use crate::backend::{BackendKind, BackendOptions};
+use crate::backend::{BackendKind, BackendOptions, ebpf};
 use crate::config::{self, HEALTHZ_PORT, KubeProxyConfig, METRICS_PORT, parse_bind_address};
 use crate::daemon::{self, DEFAULT_BURST, Settings, Source};
 
@@ -58,6 +58,18 @@ pub struct RunArgs {
     /// Exit when a server cannot bind its address, instead of retrying every 5s.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub bind_address_hard_fail: Option<bool>,
+    /// eBPF: interfaces for the TC programs [default: every interface but lo, rescanned at
+    /// every sync].
+    #[arg(long, value_name = "IF", value_delimiter = ',')]
+    pub interfaces: Vec<String>,
+    /// eBPF: the bpffs ferry pins its maps and links under, mounted when nothing is there
+    /// [default: /sys/fs/bpf].
+    #[arg(long, value_name = "DIR")]
+    pub bpffs: Option<PathBuf>,
+    /// eBPF: cgroup v2 directory for the socket programs (node processes reaching Services)
+    /// [default: the root of the cgroup v2 hierarchy].
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_path: Option<PathBuf>,
 }
 
 /// Parses `500ms`, `2s`, `1m30s`, `1h`; a bare number is seconds.
@@ -168,9 +180,21 @@ pub fn resolve(
         Some(dir) => Source::Manifests(dir.clone()),
         None => Source::Kube(args.kubeconfig.clone().or_else(|| file.kubeconfig.clone())),
     };
+    let backend = args.backend.or(file.mode).unwrap_or(BackendKind::Nftables);
+    let cgroup_path = match (&args.cgroup_path, backend) {
+        (Some(p), _) => Some(p.clone()),
+        (None, BackendKind::Ebpf) => ebpf::default_cgroup_path(),
+        (None, _) => None,
+    };
+    let backend_options = BackendOptions {
+        bpffs: args.bpffs.clone(),
+        cgroup_path,
+        interfaces: args.interfaces.clone(),
+        ..BackendOptions::default()
+    };
     Ok(Settings {
-        backend: args.backend.or(file.mode).unwrap_or(BackendKind::Nftables),
-        backend_options: BackendOptions::default(),
+        backend,
+        backend_options,
         source,
         node,
         sync_period,
@@ -276,6 +300,28 @@ mod tests {
         assert_eq!(s.healthz_bind_address, Some("127.0.0.1:10256".parse().unwrap()));
         assert_eq!(s.node.nodeport_addresses, vec!["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]);
         assert_eq!(s.source, Source::Kube(Some("/k".into())));
+    }
+
+    #[test]
+    fn ebpf_flags_reach_the_backend_options() {
+        let s = resolve(
+            &args(&[
+                "--node-name=n",
+                "--backend=ebpf",
+                "--interfaces=eth0,eth1",
+                "--bpffs=/run/t/bpf",
+                "--cgroup-path=/sys/fs/cgroup/t",
+            ]),
+            &KubeProxyConfig::default(),
+            None,
+        )
+        .unwrap();
+        let o = &s.backend_options;
+        assert_eq!(o.interfaces, ["eth0", "eth1"]);
+        assert_eq!(o.bpffs.as_deref(), Some(std::path::Path::new("/run/t/bpf")));
+        assert_eq!(o.cgroup_path.as_deref(), Some(std::path::Path::new("/sys/fs/cgroup/t")));
+        let s = resolve(&args(&["--node-name=n"]), &KubeProxyConfig::default(), None).unwrap();
+        assert_eq!(s.backend_options.cgroup_path, None, "nftables attaches no socket programs");
     }
 
     #[test]
