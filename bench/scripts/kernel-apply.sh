@@ -11,7 +11,10 @@ NS="ferry-bench-$$"
 DIR=$(mktemp -d)
 PID=""
 cleanup() {
-    [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
+    if [ -n "$PID" ]; then
+        kill "$PID" 2>/dev/null || true
+        wait "$PID" 2>/dev/null || true
+    fi
     ip netns del "$NS" 2>/dev/null || true
     rm -rf "$DIR"
 }

@@ -178,11 +178,19 @@ impl ElementWriter {
         self.seq
     }
 
+    /// The kernel processes a batch only when it arrives as one datagram, so the socket's send
+    /// buffer is raised to fit it (as nft does).
     fn send_all(&self, buf: &[u8]) -> Result<(), NftError> {
-        let mut off = 0;
-        while off < buf.len() {
-            off += send(self.fd.as_raw_fd(), &buf[off..], MsgFlags::empty())
-                .map_err(|e| NftError::Netlink(e.into()))?;
+        // Each acknowledgement echoes its request, and all of them are queued while the kernel
+        // processes the batch, before ferry reads any: the receive buffer must hold a batch too.
+        let size = buf.len().saturating_add(64 * 1024);
+        use nix::sys::socket::{setsockopt, sockopt};
+        setsockopt(&self.fd, sockopt::SndBufForce, &size).map_err(|e| NftError::Netlink(e.into()))?;
+        setsockopt(&self.fd, sockopt::RcvBufForce, &size).map_err(|e| NftError::Netlink(e.into()))?;
+        let sent =
+            send(self.fd.as_raw_fd(), buf, MsgFlags::empty()).map_err(|e| NftError::Netlink(e.into()))?;
+        if sent != buf.len() {
+            return Err(NftError::Netlink(io::Error::other(format!("sent {sent} of {} bytes", buf.len()))));
         }
         Ok(())
     }
