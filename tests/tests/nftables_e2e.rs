@@ -1,0 +1,773 @@
+//! End-to-end suite of the nftables data plane: `ferry run --backend nftables` programs a
+//! sandboxed node from a manifest directory, and real TCP and UDP traffic from pods, the node
+//! and an external client checks every Kubernetes semantic of DESIGN.md against the kernel:
+//! which endpoint served (`Reply::server`) and which source it saw (`Reply::peer`).
+//!
+//! Runs as root (`cargo xtask test`, or `cargo build -p proxy && cargo test -p ferry-sandbox
+//! --test nftables_e2e`). Each test builds its own sandbox, so they run in parallel; see
+//! `common/mod.rs` for the fixture.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{
+    Backend, Conn, DROP_TIMEOUT, EchoServer, EpState, Family, Fixture, SYNC_PERIOD, Svc, SvcPort, SyncKind,
+    TIMEOUT, assert_dropped, assert_refused, assert_spread, pod_addr, pod_ip, request, sample, try_request,
+};
+use ferry_sandbox::{Netns, Proto, Reply};
+
+const BACKEND: Backend = Backend::Nftables;
+
+/// Requests per check of an endpoint spread: with three endpoints, the chance that a uniform
+/// choice misses one in 60 draws is below 1e-10.
+const SPREAD: usize = 60;
+
+/// The two ports of every [`Svc`]: `http` 80/TCP and `dns` 53/UDP.
+const PORTS: [(Proto, u16); 2] = [(Proto::Tcp, 80), (Proto::Udp, 53)];
+
+/// LoadBalancer and external IPs (TEST-NET), which `ext` routes through the node.
+const LB_NET4: &str = "203.0.113.0/24";
+const LB_NET6: &str = "2001:db8:1::/64";
+
+fn lb_ip(n: u8, family: Family) -> IpAddr {
+    let text = match family {
+        Family::V4 => format!("203.0.113.{n}"),
+        Family::V6 => format!("2001:db8:1::{n}"),
+    };
+    text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
+}
+
+/// Routes the LoadBalancer and external IPs from `ext` to the node, as a load balancer would.
+fn route_external_ips_to_the_node(fx: &Fixture) {
+    let ext = &fx.cluster.ext.ns;
+    ext.route_via(LB_NET4, fx.cluster.node.ip4.into()).expect("ext: route to the LoadBalancer IPs");
+    ext.route_via(LB_NET6, fx.cluster.node.ip6.into()).expect("ext: IPv6 route to the LoadBalancer IPs");
+}
+
+/// Every reply shows `expected(server)` as the source the endpoint saw.
+fn assert_peers(replies: &[Reply], what: &str, expected: impl Fn(SocketAddr) -> IpAddr) {
+    for r in replies {
+        assert_eq!(
+            r.peer.ip(),
+            expected(r.server),
+            "{what}: {} saw source {}, expected {}",
+            r.server,
+            r.peer,
+            expected(r.server)
+        );
+    }
+}
+
+/// A request that gets no answer from any endpoint (whatever error it ends with).
+fn assert_not_served(ns: &Netns, proto: Proto, target: SocketAddr, what: &str) {
+    if let Ok(reply) = try_request(ns, proto, target, DROP_TIMEOUT) {
+        panic!("{what}: {proto} to {target} should not be served, but {} answered", reply.server);
+    }
+}
+
+#[test]
+fn cluster_ip_from_a_pod_reaches_every_endpoint_over_tcp_and_udp_on_both_families_keeping_the_source() {
+    let mut fx = Fixture::new("cluster_ip_from_pod", BACKEND);
+    let web = Svc::new("web", 10).ready(&fx.serving_pods());
+    fx.start(&[&web]);
+    let client = &fx.cluster.client;
+    for family in Family::ALL {
+        let endpoints = fx.endpoints(&fx.serving_pods(), family);
+        for (proto, port) in PORTS {
+            let target = fx.cluster_addr(10, family, port);
+            let what = format!("{proto} from the client pod to {target}");
+            let replies = sample(&client.ns, proto, target, SPREAD);
+            assert_spread(&replies, &endpoints, &what);
+            assert_peers(&replies, &what, |_| pod_ip(client, family));
+        }
+    }
+}
+
+#[test]
+fn an_undefined_port_on_a_cluster_ip_is_rejected() {
+    let mut fx = Fixture::new("undefined_port", BACKEND);
+    let web = Svc::new("web", 10).ready(&fx.serving_pods());
+    fx.start(&[&web]);
+    let client = &fx.cluster.client.ns;
+    for family in Family::ALL {
+        request(client, Proto::Tcp, fx.cluster_addr(10, family, 80));
+        assert_refused(client, Proto::Tcp, fx.cluster_addr(10, family, 81), "undefined TCP port");
+        assert_refused(client, Proto::Udp, fx.cluster_addr(10, family, 54), "undefined UDP port");
+        // A defined port number of the other protocol is undefined too.
+        assert_refused(client, Proto::Udp, fx.cluster_addr(10, family, 80), "80/UDP of a 80/TCP port");
+    }
+}
+
+#[test]
+fn a_service_without_endpoints_is_rejected_on_its_cluster_ip_and_node_ports() {
+    let mut fx = Fixture::new("no_endpoints", BACKEND);
+    let empty = Svc::new("empty", 11).node_port(30011, 30012);
+    fx.start(&[&empty]);
+    for family in Family::ALL {
+        for (proto, port) in PORTS {
+            let target = fx.cluster_addr(11, family, port);
+            assert_refused(&fx.cluster.client.ns, proto, target, "ClusterIP without endpoints");
+        }
+        for (proto, port) in [(Proto::Tcp, 30011), (Proto::Udp, 30012)] {
+            let target = fx.node_addr(family, port);
+            assert_refused(&fx.cluster.ext.ns, proto, target, "NodePort without endpoints");
+        }
+    }
+}
+
+#[test]
+fn an_unallocated_address_in_the_service_cidr_is_dropped() {
+    let mut fx = Fixture::new("unallocated", BACKEND);
+    let web = Svc::new("web", 10).ready(&fx.serving_pods());
+    fx.start(&[&web]);
+    // Without ferry's DROP these would meet a `prohibit` route and be refused at once with an
+    // ICMP error (fatal for TCP and connected UDP); the service CIDR's own route would swallow
+    // them silently, and a DROP would be indistinguishable from it.
+    let unallocated = |family| fx.cluster_addr(250, family, 80).ip();
+    let node = &fx.cluster.node.ns;
+    node.ip(&["-4", "route", "add", "prohibit", &format!("{}/32", unallocated(Family::V4))])
+        .expect("prohibit route for the IPv4 probe");
+    node.ip(&["-6", "route", "add", "prohibit", &format!("{}/128", unallocated(Family::V6))])
+        .expect("prohibit route for the IPv6 probe");
+    let client = &fx.cluster.client.ns;
+    for family in Family::ALL {
+        request(client, Proto::Tcp, fx.cluster_addr(10, family, 80));
+        for (proto, port) in PORTS {
+            let target = SocketAddr::new(unallocated(family), port);
+            assert_dropped(client, proto, target, "unallocated service address");
+        }
+    }
+}
+
+#[test]
+fn a_node_port_under_cluster_policy_reaches_every_endpoint_from_outside_masqueraded() {
+    let mut fx = Fixture::new("node_port_cluster", BACKEND);
+    let np = Svc::new("np", 20).node_port(30020, 30021).ready(&fx.serving_pods());
+    fx.start(&[&np]);
+    for family in Family::ALL {
+        let endpoints = fx.endpoints(&fx.serving_pods(), family);
+        for (proto, port) in [(Proto::Tcp, 30020), (Proto::Udp, 30021)] {
+            let target = fx.node_addr(family, port);
+            let what = format!("{proto} from ext to NodePort {target}");
+            let replies = sample(&fx.cluster.ext.ns, proto, target, SPREAD);
+            assert_spread(&replies, &endpoints, &what);
+            assert_peers(&replies, &what, |server| fx.masquerade_source(server));
+        }
+    }
+}
+
+#[test]
+fn a_node_port_under_local_policy_reaches_only_local_endpoints_keeping_the_client_address() {
+    let mut fx = Fixture::new("node_port_local", BACKEND);
+    let mut np = Svc::new("np", 21).node_port(30022, 30023).ready(&fx.serving_pods());
+    np.external_policy_local = true;
+    fx.start(&[&np]);
+    let ext = &fx.cluster.ext;
+    for family in Family::ALL {
+        let local: Vec<_> = fx.cluster.pods.iter().collect();
+        let endpoints = fx.endpoints(&local, family);
+        let ext_ip = if family == Family::V4 { IpAddr::from(ext.ip4) } else { IpAddr::from(ext.ip6) };
+        for (proto, port) in [(Proto::Tcp, 30022), (Proto::Udp, 30023)] {
+            let target = fx.node_addr(family, port);
+            let what = format!("{proto} from ext to Local NodePort {target}");
+            let replies = sample(&ext.ns, proto, target, SPREAD);
+            assert_spread(&replies, &endpoints, &what);
+            assert_peers(&replies, &what, |_| ext_ip);
+        }
+    }
+}
+
+#[test]
+fn a_node_port_under_local_policy_without_a_local_endpoint_drops_outside_traffic() {
+    let mut fx = Fixture::new("node_port_local_none", BACKEND);
+    let rpod0 = fx.cluster.remote_pods[0].clone();
+    let mut np = Svc::new("np", 22).node_port(30024, 30025).ready(&[&rpod0]);
+    np.external_policy_local = true;
+    fx.start(&[&np]);
+    for family in Family::ALL {
+        for (proto, port) in [(Proto::Tcp, 30024), (Proto::Udp, 30025)] {
+            let target = fx.node_addr(family, port);
+            assert_dropped(&fx.cluster.ext.ns, proto, target, "Local NodePort without a local endpoint");
+        }
+        // The ClusterIP still serves the remote endpoint.
+        let reply = request(&fx.cluster.client.ns, Proto::Tcp, fx.cluster_addr(22, family, 80));
+        assert_eq!(reply.server, pod_addr(&rpod0, family));
+    }
+}
+
+#[test]
+fn a_node_port_under_local_policy_from_a_pod_short_circuits_to_cluster_endpoints() {
+    let mut fx = Fixture::new("node_port_local_pod", BACKEND);
+    let mut np = Svc::new("np", 23).node_port(30026, 30027).ready(&fx.serving_pods());
+    np.external_policy_local = true;
+    fx.start(&[&np]);
+    let client = &fx.cluster.client;
+    for family in Family::ALL {
+        let endpoints = fx.endpoints(&fx.serving_pods(), family);
+        for (proto, port) in [(Proto::Tcp, 30026), (Proto::Udp, 30027)] {
+            let target = fx.node_addr(family, port);
+            let what = format!("{proto} from the client pod to Local NodePort {target}");
+            let replies = sample(&client.ns, proto, target, SPREAD);
+            assert_spread(&replies, &endpoints, &what);
+            assert_peers(&replies, &what, |_| pod_ip(client, family));
+        }
+    }
+}
+
+#[test]
+fn load_balancer_ips_and_external_ips_reach_endpoints_masqueraded_and_proxy_mode_ingress_gets_no_rule() {
+    let mut fx = Fixture::new("load_balancer", BACKEND);
+    let ingress: Vec<(IpAddr, &str)> =
+        Family::ALL.into_iter().flat_map(|f| [(lb_ip(10, f), "VIP"), (lb_ip(11, f), "Proxy")]).collect();
+    let mut lb = Svc::new("lb", 30).node_port(30030, 30031).load_balancer(&ingress).ready(&fx.serving_pods());
+    lb.external_ips = Family::ALL.into_iter().map(|f| lb_ip(20, f)).collect();
+    fx.start(&[&lb]);
+    route_external_ips_to_the_node(&fx);
+    let ext = &fx.cluster.ext.ns;
+    for family in Family::ALL {
+        let endpoints = fx.endpoints(&fx.serving_pods(), family);
+        for (frontend, ip) in [("LoadBalancer IP", lb_ip(10, family)), ("external IP", lb_ip(20, family))] {
+            for (proto, port) in PORTS {
+                let target = SocketAddr::new(ip, port);
+                let what = format!("{proto} from ext to {frontend} {target}");
+                let replies = sample(ext, proto, target, SPREAD);
+                assert_spread(&replies, &endpoints, &what);
+                assert_peers(&replies, &what, |server| fx.masquerade_source(server));
+            }
+        }
+        for (proto, port) in PORTS {
+            let target = SocketAddr::new(lb_ip(11, family), port);
+            assert_not_served(ext, proto, target, "ipMode Proxy ingress");
+        }
+    }
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_sources_inside_and_drop_others_while_the_node_port_stays_open() {
+    let mut fx = Fixture::new("source_ranges", BACKEND);
+    let ext = fx.cluster.ext.clone();
+    let ingress = |n| Family::ALL.map(|f| (lb_ip(n, f), "VIP"));
+    let mut open =
+        Svc::new("open", 31).node_port(30032, 30033).load_balancer(&ingress(31)).ready(&fx.serving_pods());
+    open.source_ranges = vec![format!("{}/32", ext.ip4), format!("{}/128", ext.ip6)];
+    let mut closed =
+        Svc::new("closed", 32).node_port(30034, 30035).load_balancer(&ingress(32)).ready(&fx.serving_pods());
+    closed.source_ranges = vec!["10.200.0.0/16".into(), "fd00:200::/64".into()];
+    fx.start(&[&open, &closed]);
+    route_external_ips_to_the_node(&fx);
+    for family in Family::ALL {
+        let endpoints = fx.endpoints(&fx.serving_pods(), family);
+        for (proto, port) in PORTS {
+            let target = SocketAddr::new(lb_ip(31, family), port);
+            let replies = sample(&ext.ns, proto, target, SPREAD);
+            assert_spread(&replies, &endpoints, &format!("{proto} from ext (inside the ranges) to {target}"));
+            assert_dropped(
+                &ext.ns,
+                proto,
+                SocketAddr::new(lb_ip(32, family), port),
+                "LoadBalancer IP from outside its source ranges",
+            );
+        }
+        for (proto, port) in [(Proto::Tcp, 30034), (Proto::Udp, 30035)] {
+            let target = fx.node_addr(family, port);
+            let replies = sample(&ext.ns, proto, target, 10);
+            assert_peers(&replies, &format!("{proto} from ext to the NodePort {target}"), |server| {
+                fx.masquerade_source(server)
+            });
+        }
+    }
+}
+
+#[test]
+fn internal_traffic_policy_local_uses_only_local_endpoints_and_drops_without_one() {
+    let mut fx = Fixture::new("internal_local", BACKEND);
+    let mut itp = Svc::new("itp", 40).ready(&fx.serving_pods());
+    itp.internal_policy_local = true;
+    let remote: Vec<_> = fx.cluster.remote_pods.iter().collect();
+    let mut none = Svc::new("itp-none", 41).ready(&remote);
+    none.internal_policy_local = true;
+    fx.start(&[&itp, &none]);
+    let client = &fx.cluster.client;
+    for family in Family::ALL {
+        let local: Vec<_> = fx.cluster.pods.iter().collect();
+        let endpoints = fx.endpoints(&local, family);
+        for (proto, port) in PORTS {
+            let target = fx.cluster_addr(40, family, port);
+            let what = format!("{proto} to {target} (internalTrafficPolicy Local)");
+            let replies = sample(&client.ns, proto, target, SPREAD);
+            assert_spread(&replies, &endpoints, &what);
+            assert_peers(&replies, &what, |_| pod_ip(client, family));
+            let target = fx.cluster_addr(41, family, port);
+            assert_dropped(&client.ns, proto, target, "internalTrafficPolicy Local without a local endpoint");
+        }
+    }
+}
+
+#[test]
+fn session_affinity_client_ip_sends_every_request_of_a_client_to_one_endpoint() {
+    let mut fx = Fixture::new("affinity", BACKEND);
+    let mut sticky = Svc::new("sticky", 50).ready(&fx.serving_pods());
+    sticky.affinity_timeout = Some(300);
+    fx.start(&[&sticky]);
+    let client = &fx.cluster.client.ns;
+    let sticks_to_one = |pods: &[&ferry_sandbox::Pod]| -> SocketAddr {
+        let mut first_v4_tcp = None;
+        for family in Family::ALL {
+            let endpoints = fx.endpoints(pods, family);
+            for (proto, port) in PORTS {
+                let target = fx.cluster_addr(50, family, port);
+                let replies = sample(client, proto, target, 20);
+                let first = replies[0].server;
+                assert!(endpoints.contains(&first), "{proto} to {target}: {first} is not an endpoint");
+                assert!(
+                    replies.iter().all(|r| r.server == first),
+                    "{proto} to {target} with ClientIP affinity: {:?}",
+                    common::served_by(&replies)
+                );
+                first_v4_tcp.get_or_insert(first);
+            }
+        }
+        first_v4_tcp.expect("at least one frontend")
+    };
+    let chosen = sticks_to_one(&fx.serving_pods());
+    // Without its endpoint the client is sent to another one, and sticks to that.
+    let rest: Vec<&ferry_sandbox::Pod> =
+        fx.serving_pods().into_iter().filter(|p| !p.ips().contains(&chosen.ip())).collect();
+    let mut scaled = sticky.clone();
+    scaled.endpoints.clear();
+    fx.apply(&scaled.ready(&rest));
+    sticks_to_one(&rest);
+}
+
+#[test]
+fn terminating_endpoints_serve_only_while_no_endpoint_is_ready() {
+    let mut fx = Fixture::new("terminating", BACKEND);
+    let (pod0, pod1, rpod0) = (&fx.cluster.pods[0], &fx.cluster.pods[1], &fx.cluster.remote_pods[0]);
+    let only_terminating =
+        Svc::new("term", 60).endpoint(pod0, EpState::Terminating).endpoint(pod1, EpState::Terminating);
+    let mixed = Svc::new("mixed", 61)
+        .endpoint(pod0, EpState::Terminating)
+        .endpoint(pod1, EpState::Terminating)
+        .endpoint(rpod0, EpState::Ready);
+    fx.start(&[&only_terminating, &mixed]);
+    let client = &fx.cluster.client.ns;
+    let (pod0, pod1, rpod0) = (&fx.cluster.pods[0], &fx.cluster.pods[1], &fx.cluster.remote_pods[0]);
+    for family in Family::ALL {
+        for (proto, port) in PORTS {
+            let target = fx.cluster_addr(60, family, port);
+            let replies = sample(client, proto, target, SPREAD);
+            assert_spread(
+                &replies,
+                &fx.endpoints(&[pod0, pod1], family),
+                "only serving-terminating endpoints",
+            );
+            let target = fx.cluster_addr(61, family, port);
+            let replies = sample(client, proto, target, 30);
+            assert_spread(
+                &replies,
+                &fx.endpoints(&[rpod0], family),
+                "a ready endpoint beside terminating ones",
+            );
+        }
+    }
+}
+
+#[test]
+fn a_pod_reaching_itself_through_its_service_sees_a_masqueraded_source() {
+    let mut fx = Fixture::new("hairpin", BACKEND);
+    let web = Svc::new("web", 70).ready(&fx.serving_pods());
+    fx.start(&[&web]);
+    let pod0 = &fx.cluster.pods[0];
+    for family in Family::ALL {
+        let endpoints = fx.endpoints(&fx.serving_pods(), family);
+        let own = pod_addr(pod0, family);
+        for (proto, port) in PORTS {
+            let target = fx.cluster_addr(70, family, port);
+            let what = format!("{proto} from pod0 to {target}");
+            let replies = sample(&pod0.ns, proto, target, SPREAD);
+            assert_spread(&replies, &endpoints, &what);
+            assert_peers(&replies, &what, |server| {
+                if server == own { fx.masquerade_source(server) } else { own.ip() }
+            });
+        }
+    }
+}
+
+#[test]
+fn the_node_itself_reaches_a_cluster_ip_and_a_local_policy_node_port_masqueraded() {
+    let mut fx = Fixture::new("from_node", BACKEND);
+    let web = Svc::new("web", 10).ready(&fx.serving_pods());
+    let mut np = Svc::new("np", 24).node_port(30028, 30029).ready(&fx.serving_pods());
+    np.external_policy_local = true;
+    fx.start(&[&web, &np]);
+    for family in Family::ALL {
+        let endpoints = fx.endpoints(&fx.serving_pods(), family);
+        // The node short-circuits its own Local NodePort to every endpoint, masqueraded.
+        let frontends = [
+            (Proto::Tcp, fx.cluster_addr(10, family, 80)),
+            (Proto::Udp, fx.cluster_addr(10, family, 53)),
+            (Proto::Tcp, fx.node_addr(family, 30028)),
+            (Proto::Udp, fx.node_addr(family, 30029)),
+        ];
+        for (proto, target) in frontends {
+            let what = format!("{proto} from the node to {target}");
+            let replies = sample(&fx.cluster.node.ns, proto, target, SPREAD);
+            assert_spread(&replies, &endpoints, &what);
+            // Unmasqueraded, local pods would see the node's LAN address (the route's source).
+            assert_peers(&replies, &what, |server| fx.masquerade_source(server));
+        }
+    }
+}
+
+#[test]
+fn masquerade_all_masquerades_cluster_ip_traffic_from_pods() {
+    let mut fx = Fixture::new("masquerade_all", BACKEND).with_flags(&["--masquerade-all"]);
+    let web = Svc::new("web", 10).ready(&fx.serving_pods());
+    fx.start(&[&web]);
+    for family in Family::ALL {
+        let endpoints = fx.endpoints(&fx.serving_pods(), family);
+        for (proto, port) in PORTS {
+            let target = fx.cluster_addr(10, family, port);
+            let what = format!("{proto} from the client pod to {target} with --masquerade-all");
+            let replies = sample(&fx.cluster.client.ns, proto, target, SPREAD);
+            assert_spread(&replies, &endpoints, &what);
+            assert_peers(&replies, &what, |server| fx.masquerade_source(server));
+        }
+    }
+}
+
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One request of the live-update loop.
+struct Probe {
+    started: Instant,
+    target: SocketAddr,
+    proto: Proto,
+    result: Result<Reply, String>,
+}
+
+#[test]
+fn endpoint_changes_while_traffic_flows_lose_no_request() {
+    let mut fx = Fixture::new("live_update", BACKEND);
+    let all = Svc::new("live", 80).ready(&fx.serving_pods());
+    let one = Svc::new("live", 80).ready(&[&fx.cluster.pods[0]]);
+    fx.start(&[&all]);
+    let stop = AtomicBool::new(false);
+    let probes = Mutex::new(Vec::new());
+    let (t1, t2, t3) = std::thread::scope(|s| {
+        // Ends the client loop also when this thread panics (the scope joins it).
+        let _stop = StopOnDrop(&stop);
+        s.spawn(|| {
+            let kinds = [
+                (Family::V4, Proto::Tcp),
+                (Family::V6, Proto::Tcp),
+                (Family::V4, Proto::Udp),
+                (Family::V6, Proto::Udp),
+            ];
+            // Bounded: at most 1000 requests, 20 ms apart, until the main thread is done.
+            for i in 0..1000 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let (family, proto) = kinds[i % kinds.len()];
+                let target = fx.cluster_addr(80, family, if proto == Proto::Tcp { 80 } else { 53 });
+                let started = Instant::now();
+                let result =
+                    try_request(&fx.cluster.client.ns, proto, target, TIMEOUT).map_err(|e| e.to_string());
+                probes.lock().expect("probes").push(Probe { started, target, proto, result });
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        fx.apply(&one);
+        let t1 = Instant::now();
+        std::thread::sleep(Duration::from_millis(1500));
+        let t2 = Instant::now();
+        fx.apply(&all);
+        let t3 = Instant::now();
+        std::thread::sleep(Duration::from_secs(1));
+        (t1, t2, t3)
+    });
+    let probes = probes.into_inner().expect("probes");
+    assert!(probes.len() >= 150, "only {} requests ran", probes.len());
+    let phase = |at: Instant| {
+        let since = |t: Instant, what: &str| format!("{:?} after {what}", at.saturating_duration_since(t));
+        if at >= t3 {
+            since(t3, "scaling back to three was programmed")
+        } else if at >= t2 {
+            since(t2, "the scale-up was written")
+        } else if at >= t1 {
+            since(t1, "scaling to one was programmed")
+        } else {
+            format!("{:?} before scaling to one was programmed", t1.saturating_duration_since(at))
+        }
+    };
+    let failed: Vec<String> = probes
+        .iter()
+        .filter_map(|p| {
+            p.result.as_ref().err().map(|e| format!("{} {} ({}): {e}", p.proto, p.target, phase(p.started)))
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:#?}\nferry's log:\n{}",
+        failed.len(),
+        probes.len(),
+        fx.log()
+    );
+    let pod0 = &fx.cluster.pods[0];
+    let (mut before, mut during, mut after) = (0, 0, Vec::new());
+    for p in &probes {
+        let Ok(reply) = &p.result else { continue };
+        let family = if p.target.is_ipv4() { Family::V4 } else { Family::V6 };
+        let all_eps = fx.endpoints(&fx.serving_pods(), family);
+        assert!(all_eps.contains(&reply.server), "{} {} answered by {}", p.proto, p.target, reply.server);
+        if p.started >= t1 && p.started < t2 {
+            during += 1;
+            assert_eq!(
+                reply.server,
+                pod_addr(pod0, family),
+                "{} {} while only pod0 was an endpoint",
+                p.proto,
+                p.target
+            );
+        } else if p.started >= t3 {
+            after.push(reply.server);
+        } else if p.started < t1 {
+            before += 1;
+        }
+    }
+    assert!(
+        before > 10 && during > 10 && after.len() > 10,
+        "too few requests per phase: {before}/{during}/{}",
+        after.len()
+    );
+    assert!(
+        after.iter().any(|s| s.ip() != pod_ip(pod0, Family::V4) && s.ip() != pod_ip(pod0, Family::V6)),
+        "after scaling back to three endpoints only pod0 answered"
+    );
+}
+
+#[test]
+fn a_removed_service_loses_its_rules_and_its_cluster_ip_is_then_dropped() {
+    let mut fx = Fixture::new("removed_service", BACKEND);
+    let web = Svc::new("web", 10).ready(&fx.serving_pods());
+    let mut gone = Svc::new("gone", 12).node_port(30040, 30041).ready(&fx.serving_pods());
+    gone.affinity_timeout = Some(60);
+    fx.start(&[&web, &gone]);
+    // As in the unallocated-address test: a `prohibit` route tells a DROP from no rule at all.
+    // Routing never sees the address while it is a ClusterIP: the DNAT comes first.
+    let node = &fx.cluster.node.ns;
+    for (family, len) in [(Family::V4, 32), (Family::V6, 128)] {
+        let route = format!("{}/{len}", fx.cluster_ip(12, family));
+        node.ip(&["route", "add", "prohibit", &route]).expect("prohibit route for the removed ClusterIP");
+    }
+    let client = &fx.cluster.client.ns;
+    for family in Family::ALL {
+        request(client, Proto::Tcp, fx.cluster_addr(12, family, 80));
+        request(&fx.cluster.ext.ns, Proto::Tcp, fx.node_addr(family, 30040));
+    }
+    // Removed right after a full sync, so that a partial sync removes it.
+    fx.wait_for_sync(fx.mark(), SyncKind::Full, SYNC_PERIOD * 3);
+    fx.delete(&gone);
+    let after_partial = table_contents(&fx);
+    for family in Family::ALL {
+        for (proto, port) in PORTS {
+            assert_dropped(
+                client,
+                proto,
+                fx.cluster_addr(12, family, port),
+                "the removed service's ClusterIP",
+            );
+        }
+        for (proto, port) in [(Proto::Tcp, 30040), (Proto::Udp, 30041)] {
+            assert_not_served(&fx.cluster.ext.ns, proto, fx.node_addr(family, port), "the removed NodePort");
+        }
+        let replies = sample(client, Proto::Tcp, fx.cluster_addr(10, family, 80), SPREAD);
+        assert_spread(&replies, &fx.endpoints(&fx.serving_pods(), family), "the service that stays");
+    }
+    // The full sync that follows changes nothing: the partial one left nothing over and
+    // missed nothing.
+    fx.wait_for_sync(fx.mark(), SyncKind::Full, SYNC_PERIOD * 3);
+    assert_eq!(table_contents(&fx), after_partial, "ferry's tables after the partial sync vs a full one");
+}
+
+/// Ferry's two tables as sorted statements and elements: what they hold, not the order the
+/// kernel lists it in.
+fn table_contents(fx: &Fixture) -> Vec<String> {
+    let mut out = Vec::new();
+    for family in ["ip", "ip6"] {
+        let listing = fx
+            .nft(&["list", "table", family, "ferry"])
+            .unwrap_or_else(|e| panic!("listing ferry's {family} table: {e}"));
+        out.extend(
+            listing
+                .split(['\n', ','])
+                .map(|s| format!("{family}: {}", s.trim()))
+                .filter(|s| !s.ends_with(": ")),
+        );
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_full_sync_repairs_an_element_deleted_by_hand() {
+    let mut fx = Fixture::new("drift_repair", BACKEND);
+    let web = Svc::new("web", 90).ready(&fx.serving_pods());
+    fx.start(&[&web]);
+    let client = &fx.cluster.client.ns;
+    let mut attempts = 0;
+    let mark = loop {
+        attempts += 1;
+        // Right after a full sync the next one is a whole period away.
+        fx.wait_for_sync(fx.mark(), SyncKind::Full, SYNC_PERIOD * 3);
+        let mark = fx.mark();
+        for (ip, family) in [("ip", Family::V4), ("ip6", Family::V6)] {
+            let element = format!("{{ {} . tcp . 80 }}", fx.cluster_ip(90, family));
+            fx.nft(&["delete", "element", ip, "ferry", "frontends", &element])
+                .unwrap_or_else(|e| panic!("deleting {element} from ferry's {ip} frontends map: {e}"));
+        }
+        let broken = Family::ALL.into_iter().all(|family| {
+            try_request(client, Proto::Tcp, fx.cluster_addr(90, family, 80), DROP_TIMEOUT).is_err()
+        });
+        if broken {
+            break mark;
+        }
+        // A full sync may have slipped in between; anything else means the deletion had no effect.
+        assert!(
+            fx.log().get(mark..).is_some_and(|l| l.contains("full=true")) && attempts < 3,
+            "traffic still flows after deleting the frontends elements"
+        );
+    };
+    // The other port was not touched.
+    request(client, Proto::Udp, fx.cluster_addr(90, Family::V4, 53));
+    fx.wait_for_sync(mark, SyncKind::Full, SYNC_PERIOD * 3);
+    for family in Family::ALL {
+        let replies = sample(client, Proto::Tcp, fx.cluster_addr(90, family, 80), SPREAD);
+        assert_spread(&replies, &fx.endpoints(&fx.serving_pods(), family), "after the full sync");
+    }
+}
+
+#[test]
+fn a_restart_keeps_established_connections_and_the_rules() {
+    let mut fx = Fixture::new("restart", BACKEND);
+    let pod0 = fx.cluster.pods[0].clone();
+    let mut echo = Svc::new("echo", 95).ready(&[&pod0]);
+    echo.ports = vec![SvcPort { name: "echo", proto: Proto::Tcp, port: 90, node_port: None }];
+    echo.target_port = 9000;
+    let web = Svc::new("web", 10).ready(&fx.serving_pods());
+    let _servers: Vec<EchoServer> = Family::ALL
+        .into_iter()
+        .map(|f| EchoServer::start(&pod0.ns, SocketAddr::new(pod_ip(&pod0, f), 9000)))
+        .collect();
+    fx.start(&[&echo, &web]);
+    let client = fx.cluster.client.ns.clone();
+    let mut conns: Vec<Conn> =
+        Family::ALL.into_iter().map(|f| Conn::open(&client, fx.cluster_addr(95, f, 90))).collect();
+    for c in &mut conns {
+        c.echo("before the restart");
+    }
+
+    fx.stop_ferry();
+    for family in ["ip", "ip6"] {
+        fx.nft(&["list", "table", family, "ferry"])
+            .unwrap_or_else(|e| panic!("ferry's {family} table should stay after SIGTERM: {e}"));
+    }
+    for c in &mut conns {
+        c.echo("while ferry is stopped");
+    }
+    for family in Family::ALL {
+        request(&client, Proto::Tcp, fx.cluster_addr(10, family, 80));
+        request(&client, Proto::Udp, fx.cluster_addr(10, family, 53));
+    }
+
+    fx.start_ferry();
+    for c in &mut conns {
+        c.echo("after the restart");
+    }
+    for family in Family::ALL {
+        Conn::open(&client, fx.cluster_addr(95, family, 90)).echo("a new connection");
+        let replies = sample(&client, Proto::Tcp, fx.cluster_addr(10, family, 80), SPREAD);
+        assert_spread(&replies, &fx.endpoints(&fx.serving_pods(), family), "after the restart");
+    }
+    // The full syncs that follow keep the connections too.
+    fx.wait_for_sync(fx.mark(), SyncKind::Full, SYNC_PERIOD * 3);
+    for c in &mut conns {
+        c.echo("after a periodic full sync");
+    }
+}
+
+#[test]
+fn cleanup_removes_both_tables() {
+    let mut fx = Fixture::new("cleanup", BACKEND);
+    let web = Svc::new("web", 10).ready(&fx.serving_pods());
+    fx.start(&[&web]);
+    request(&fx.cluster.client.ns, Proto::Tcp, fx.cluster_addr(10, Family::V4, 80));
+    fx.stop_ferry();
+    for _ in 0..2 {
+        // Twice: cleaning a clean node succeeds.
+        fx.ferry_command(&["cleanup", "--backend", BACKEND.name()])
+            .unwrap_or_else(|e| panic!("ferry cleanup: {e}"));
+        for family in ["ip", "ip6"] {
+            assert!(
+                fx.nft(&["list", "table", family, "ferry"]).is_err(),
+                "the {family} ferry table is still there"
+            );
+        }
+    }
+    let tables = fx.nft(&["list", "tables"]).expect("nft list tables");
+    assert!(!tables.contains("ferry"), "tables left: {tables}");
+    for family in Family::ALL {
+        assert_not_served(
+            &fx.cluster.client.ns,
+            Proto::Tcp,
+            fx.cluster_addr(10, family, 80),
+            "after cleanup",
+        );
+    }
+}
+
+#[test]
+fn a_malformed_manifest_costs_no_other_service_its_rules() {
+    let mut fx = Fixture::new("malformed", BACKEND);
+    let web = Svc::new("web", 10).ready(&fx.serving_pods());
+    fx.start(&[&web]);
+    let later = Svc::new("later", 16).ready(&fx.serving_pods());
+    let bad_service = "apiVersion: v1\nkind: Service\nmetadata:\n  name: bad\n  namespace: e2e\nspec:\n  \
+                       clusterIP: 10.96.0.300\n  ports:\n  - {name: http, port: 80, protocol: TCP}\n---\n";
+    let mark = fx.mark();
+    fx.write_manifest("broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: [oops\n");
+    fx.write_manifest("mixed.yaml", &format!("{bad_service}{}", later.yaml(&fx.cluster)));
+    fx.wait_for_sync(mark, SyncKind::Changed, Duration::from_secs(10));
+    fx.wait_for_log(mark, "broken.yaml");
+    fx.wait_for_log(mark, "e2e/bad");
+    let check = |n: u8, what: &str| {
+        for family in Family::ALL {
+            for (proto, port) in PORTS {
+                let target = fx.cluster_addr(n, family, port);
+                let replies = sample(&fx.cluster.client.ns, proto, target, SPREAD);
+                assert_spread(&replies, &fx.endpoints(&fx.serving_pods(), family), what);
+            }
+        }
+    };
+    check(10, "the service that was there before");
+    check(16, "the good service beside the bad one");
+
+    // A half-saved edit of a working file keeps its last good content.
+    let mark = fx.mark();
+    fx.write_manifest(&web.file_name(), "apiVersion: v1\nkind: Service\nspec: {ports: [\n");
+    fx.wait_for_log(mark, "keeping the file's last good content");
+    fx.wait_for_sync(mark, SyncKind::Full, SYNC_PERIOD * 3);
+    check(10, "the service whose file was broken");
+}
