@@ -79,8 +79,13 @@ impl NftBackend {
                 for (set, _, elements) in sets.iter().filter(|(_, _, e)| !e.is_empty()) {
                     ops.push(netlink::Op::Add { set, elements });
                 }
-                if !ops.is_empty() {
-                    writer.apply(fam.ip, TABLE, &ops)?;
+                if !ops.is_empty()
+                    && let Err(e) = writer.apply(fam.ip, TABLE, &ops)
+                {
+                    // Start the next sync on a fresh socket: nothing queued on this one
+                    // (late acknowledgements, an overflow) can be trusted.
+                    path.writer = None;
+                    return Err(e);
                 }
             }
         }

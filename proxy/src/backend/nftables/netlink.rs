@@ -212,7 +212,8 @@ impl ElementWriter {
                 if len < 16 || off + len > n {
                     return Err(NftError::Netlink(io::Error::other("truncated netlink reply")));
                 }
-                if ty == NLMSG_ERROR && len >= 20 {
+                // Replies to an earlier, abandoned batch carry sequence numbers not asked for.
+                if ty == NLMSG_ERROR && len >= 20 && pending.contains(&seq) {
                     let errno = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().unwrap_or_default());
                     pending.remove(&seq);
                     if errno != 0 && first_error.is_none() {
@@ -240,6 +241,9 @@ fn open_socket() -> io::Result<OwnedFd> {
         SockProtocol::NetlinkNetFilter,
     )?;
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+    // A lost acknowledgement must fail the sync, not hang the daemon.
+    let timeout = nix::sys::time::TimeVal::new(10, 0);
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
     Ok(fd)
 }
 
