@@ -6,6 +6,7 @@ pub mod admin;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod conntrack;
 pub mod daemon;
 pub mod ebpf_object;
 pub mod health;
