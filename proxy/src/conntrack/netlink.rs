@@ -23,6 +23,8 @@ use netlink_packet_netfilter::conntrack::{
 };
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_NETFILTER};
+use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::time::TimeVal;
 
 use super::{ConntrackError, Flow, Table};
 use crate::model::IpFamily;
@@ -60,6 +62,8 @@ const ENOENT: i32 = 2;
 const RECV_BUFFER: usize = 64 * 1024;
 /// Deletes per datagram (each answered by an ack).
 const DELETE_BATCH: usize = 128;
+/// How long a receive waits: a lost answer fails the cleanup instead of hanging the daemon.
+const RECV_TIMEOUT_SECS: i64 = 10;
 
 /// A ctnetlink socket in the network namespace of the thread that opened it.
 pub struct Netlink {
@@ -77,6 +81,8 @@ impl Netlink {
         socket.connect(&NlAddr::new(0, 0)).map_err(ConntrackError::Open)?;
         // Errors echo the request's header only, not the whole request.
         socket.set_cap_ack(true).map_err(ConntrackError::Open)?;
+        let timeout = TimeVal::new(RECV_TIMEOUT_SECS, 0);
+        setsockopt(&socket, sockopt::ReceiveTimeout, &timeout).map_err(|e| ConntrackError::Open(e.into()))?;
         Ok(Self { socket, seq: 0, buf: Vec::with_capacity(RECV_BUFFER) })
     }
 
@@ -107,7 +113,14 @@ impl Netlink {
         each: &mut dyn FnMut(u32, Message<'_>) -> Result<(), ConntrackError>,
     ) -> Result<(), ConntrackError> {
         self.buf.clear();
-        let n = self.socket.recv(&mut self.buf, 0).map_err(|source| ConntrackError::Io { op, source })?;
+        let n = self.socket.recv(&mut self.buf, 0).map_err(|source| {
+            let source = if source.kind() == io::ErrorKind::WouldBlock {
+                io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {RECV_TIMEOUT_SECS} s"))
+            } else {
+                source
+            };
+            ConntrackError::Io { op, source }
+        })?;
         if n > self.buf.len() {
             return Err(ConntrackError::Decode { op, reason: format!("datagram of {n} bytes truncated") });
         }
