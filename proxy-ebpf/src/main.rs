@@ -505,34 +505,38 @@ fn parse_into(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, ParseError> {
     pkt.l3 = l3;
     match ether_type {
         ETH_P_IPV4 => {
-            let version_ihl: u8 = load(ctx, l3)?;
-            if version_ihl >> 4 != 4 {
+            // One copy of the fixed header instead of a helper call per field.
+            let h: [u8; IPV4_MIN_HDR_LEN] = load(ctx, l3)?;
+            if h[0] >> 4 != 4 {
                 return Err(ParseError);
             }
-            let header_len = usize::from(version_ihl & 0x0f) * 4;
+            let header_len = usize::from(h[0] & 0x0f) * 4;
             if header_len < IPV4_MIN_HDR_LEN {
                 return Err(ParseError);
             }
             // Flags and fragment offset: a non-first fragment has no transport header.
-            let frag = u16::from_be(load::<u16>(ctx, l3 + 6)?);
-            if frag & 0x1fff != 0 {
+            if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
                 return Ok(false);
             }
             pkt.ipv6 = false;
-            pkt.protocol = load(ctx, l3 + 9)?;
-            pkt.saddr = ipv4_mapped(load(ctx, l3 + 12)?);
-            pkt.daddr = ipv4_mapped(load(ctx, l3 + 16)?);
+            pkt.protocol = h[9];
+            pkt.saddr = ipv4_mapped([h[12], h[13], h[14], h[15]]);
+            pkt.daddr = ipv4_mapped([h[16], h[17], h[18], h[19]]);
             pkt.l4 = l3 + header_len;
         }
         ETH_P_IPV6 => {
-            let version: u8 = load(ctx, l3)?;
-            if version >> 4 != 6 {
+            let h: [u8; IPV6_HDR_LEN] = load(ctx, l3)?;
+            if h[0] >> 4 != 6 {
                 return Err(ParseError);
             }
             pkt.ipv6 = true;
-            pkt.saddr = load(ctx, l3 + 8)?;
-            pkt.daddr = load(ctx, l3 + 24)?;
-            let mut next_header: u8 = load(ctx, l3 + 6)?;
+            let mut saddr = [0u8; 16];
+            saddr.copy_from_slice(&h[8..24]);
+            let mut daddr = [0u8; 16];
+            daddr.copy_from_slice(&h[24..40]);
+            pkt.saddr = saddr;
+            pkt.daddr = daddr;
+            let mut next_header: u8 = h[6];
             let mut l4 = l3 + IPV6_HDR_LEN;
             let mut found = false;
             for _ in 0..MAX_IPV6_EXT_HDRS {
@@ -569,10 +573,19 @@ fn parse_into(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, ParseError> {
     if !matches!(pkt.protocol, protocol::TCP | protocol::UDP | protocol::SCTP) {
         return Ok(false);
     }
-    // TCP, UDP and SCTP all start with the source and destination ports.
-    pkt.sport = load(ctx, pkt.l4)?;
-    pkt.dport = load(ctx, pkt.l4 + 2)?;
-    pkt.tcp_flags = if pkt.protocol == protocol::TCP { load(ctx, pkt.l4 + 13)? } else { 0 };
+    // TCP, UDP and SCTP all start with the source and destination ports (kept in network
+    // order: the raw bytes read as a native u16); TCP's flags are byte 13.
+    if pkt.protocol == protocol::TCP {
+        let t: [u8; 14] = load(ctx, pkt.l4)?;
+        pkt.sport = u16::from_ne_bytes([t[0], t[1]]);
+        pkt.dport = u16::from_ne_bytes([t[2], t[3]]);
+        pkt.tcp_flags = t[13];
+    } else {
+        let t: [u8; 4] = load(ctx, pkt.l4)?;
+        pkt.sport = u16::from_ne_bytes([t[0], t[1]]);
+        pkt.dport = u16::from_ne_bytes([t[2], t[3]]);
+        pkt.tcp_flags = 0;
+    }
     Ok(true)
 }
 
