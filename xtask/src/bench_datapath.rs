@@ -135,6 +135,8 @@ struct Measurement {
     mean_us: f64,
     throughput_gbit_s: Option<f64>,
     throughput_rounds_gbit_s: Vec<f64>,
+    /// The first few failed connections' errors.
+    errors: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -353,7 +355,10 @@ impl Plane {
                 cmd.extend(["--min-sync-period", "100ms", "--sync-period", "1h"].map(String::from));
                 if backend == Backend::Ebpf {
                     let cgroup = ebpf_preflight(ferry, dir, &self.cluster)?;
-                    cmd.extend(["--cgroup-path".to_owned(), cgroup.0.display().to_string()]);
+                    // `ip netns exec` mounts a fresh /sys, hiding the cgroup hierarchy; reach our
+                    // cgroup through this process's root instead.
+                    let seen = format!("/proc/{}/root{}", std::process::id(), cgroup.0.display());
+                    cmd.extend(["--cgroup-path".to_owned(), seen]);
                     self.cgroup = Some(cgroup);
                 }
                 let proc = self.node().command(&cmd)?.env("RUST_BACKTRACE", "0").spawn()?;
@@ -490,6 +495,7 @@ fn measure_size(args: &Args, planes: &[Plane], n: usize) -> Result<Vec<Measureme
             mean_us: sorted.iter().sum::<f64>() / sorted.len() as f64,
             throughput_gbit_s: (!rounds.is_empty()).then(|| percentile(&rounds, 50.0)),
             throughput_rounds_gbit_s: tput[i].clone(),
+            errors: l.errors.clone(),
         };
         println!("  {}, {target}: {}", plane.name, summary(&m));
         out.push(m);
@@ -502,6 +508,8 @@ struct Latency {
     samples_us: Vec<f64>,
     failures: usize,
     wrong_endpoint: usize,
+    /// The first few failures' messages.
+    errors: Vec<String>,
 }
 
 impl Latency {
@@ -537,7 +545,12 @@ fn connect_block(
                         lat.wrong_endpoint += 1;
                     }
                 }
-                Err(_) => lat.failures += 1,
+                Err(e) => {
+                    lat.failures += 1;
+                    if lat.errors.len() < 3 {
+                        lat.errors.push(format!("{e:#}"));
+                    }
+                }
             }
         }
     })?;
@@ -638,6 +651,9 @@ fn summary(m: &Measurement) -> String {
     );
     if let Some(t) = m.throughput_gbit_s {
         s.push_str(&format!(", {t:.1} Gbit/s"));
+    }
+    if let Some(e) = m.errors.first() {
+        s.push_str(&format!("; first failure: {e}"));
     }
     s
 }
