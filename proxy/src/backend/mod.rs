@@ -90,4 +90,10 @@ pub trait Backend: Send {
 
     /// Removes everything this backend installed.
     fn cleanup(&mut self) -> Result<(), BackendError>;
+
+    /// Whether Service NAT lives in conntrack entries (netfilter DNAT), so that UDP entries
+    /// pointing at an endpoint that stopped serving must be deleted after a sync.
+    fn nat_in_conntrack(&self) -> bool {
+        false
+    }
 }

@@ -23,6 +23,7 @@ pub struct SyncMetrics {
     full_duration: Histogram,
     partial_duration: Histogram,
     network_programming: Histogram,
+    conntrack_cleanup: Histogram,
     last_timestamp: Gauge<f64, AtomicU64>,
     last_queued_timestamp: Gauge<f64, AtomicU64>,
     service_changes_pending: Gauge,
@@ -66,6 +67,7 @@ impl SyncMetrics {
             full_duration: Histogram::new(sync_buckets()),
             partial_duration: Histogram::new(sync_buckets()),
             network_programming: Histogram::new(programming_buckets()),
+            conntrack_cleanup: Histogram::new(sync_buckets()),
             last_timestamp: Gauge::default(),
             last_queued_timestamp: Gauge::default(),
             service_changes_pending: Gauge::default(),
@@ -100,6 +102,11 @@ impl SyncMetrics {
             "In Cluster Network Programming Latency in seconds (from the EndpointSlice's trigger time, \
              else from ferry receiving the change, to programmed)",
             m.network_programming.clone(),
+        );
+        r.register(
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+            "Time to delete stale UDP conntrack entries after a sync, in seconds",
+            m.conntrack_cleanup.clone(),
         );
         r.register(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
@@ -224,6 +231,10 @@ impl SyncMetrics {
 
     pub fn failed(&self) {
         self.sync_failures.inc();
+    }
+
+    pub fn conntrack_cleanup(&self, took: std::time::Duration) {
+        self.conntrack_cleanup.observe(took.as_secs_f64());
     }
 
     pub fn reload(&self, ok: bool) {

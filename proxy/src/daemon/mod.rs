@@ -174,6 +174,7 @@ pub async fn run_with_backend(
         health,
         history: SyncHistory::default(),
         replan_all: false,
+        stale_udp: crate::conntrack::StaleFlows::default(),
         started: SystemTime::now(),
         last_synced: None,
         reload,
@@ -252,6 +253,8 @@ struct Daemon {
     history: SyncHistory,
     /// The node configuration changed: the next sync re-plans everything.
     replan_all: bool,
+    /// UDP flows to delete once a sync succeeded (nftables backend).
+    stale_udp: crate::conntrack::StaleFlows,
     started: SystemTime,
     last_synced: Option<SystemTime>,
     reload: Option<Reload>,
@@ -357,6 +360,11 @@ impl Daemon {
         changes.all |= std::mem::take(&mut self.replan_all);
         let in_flight = self.tracker.take();
         let diff = self.planner.update(&self.store, &self.settings.node, &changes);
+        if self.backend.nat_in_conntrack() {
+            // Kept until a cleanup succeeds: a failed sync's removals must not be forgotten, or
+            // a client that keeps sending would stay black-holed.
+            self.stale_udp.extend(crate::conntrack::stale_flows(&diff));
+        }
         let plan = self.planner.plan();
         let backend = &mut self.backend;
         let node = &self.settings.node;
@@ -388,6 +396,22 @@ impl Daemon {
                 self.health_servers.sync(wanted);
                 self.metrics.plan(self.store.service_count(), plan, servers);
                 self.history.push(record(started_wall, full, took, report.operations, diff.len(), None));
+                if !self.stale_udp.is_empty() {
+                    match tokio::task::block_in_place(|| crate::conntrack::cleanup(&self.stale_udp)) {
+                        Ok(r) => {
+                            if r.deleted > 0 {
+                                info!(
+                                    deleted = r.deleted,
+                                    took_ms = r.duration.as_millis() as u64,
+                                    "stale UDP flows deleted"
+                                );
+                            }
+                            self.metrics.conntrack_cleanup(r.duration);
+                            self.stale_udp.clear();
+                        }
+                        Err(e) => warn!("UDP conntrack cleanup failed; retried after the next sync: {e}"),
+                    }
+                }
             }
             Err(e) => {
                 let wait = self.schedule.failed(now);

@@ -230,6 +230,10 @@ impl Backend for NftBackend {
         "nftables"
     }
 
+    fn nat_in_conntrack(&self) -> bool {
+        true
+    }
+
     fn render(&self, plan: &Plan, config: &NodeConfig) -> String {
         let mut copy = NftBackend::new(Box::new(NftCommand::new()));
         copy.rebuild(plan, config);
