@@ -269,3 +269,33 @@ fn a_program_run_costs_little_with_ten_thousand_services() {
     assert!(established < 1_000, "an established packet costs {established} ns");
     let _ = protocol::TCP;
 }
+
+#[test]
+fn udp_flows_to_an_endpoint_that_went_away_choose_again_after_the_sync() {
+    use proxy::plan::PlanDiff;
+    use std::sync::Arc;
+    let a = sock("10.0.1.10:5353");
+    let b = sock("10.0.1.11:5353");
+    let before = PortPlan::cluster_ip("dns", "10.96.0.53", 53, &[a]).udp();
+    let (_fs, mut kernel) = load("udp_purge", std::slice::from_ref(&before));
+    let datagram = Frame::udp4(v4("10.0.1.2"), 3333, v4("10.96.0.53"), 53, b"q");
+    assert_eq!(TestRun::ingress(&kernel, &datagram).parse().dst, a);
+
+    // The endpoint is replaced; the flow's entry still names it until the sync purges it.
+    let after = PortPlan::cluster_ip("dns", "10.96.0.53", 53, &[b]).udp();
+    let plan = plan_of(std::slice::from_ref(&after));
+    let diff = PlanDiff { changed: vec![(Arc::new(before.0), Arc::new(after.0))], ..PlanDiff::default() };
+    let mut state = State::new(maglev::DEFAULT_TABLE_SIZE);
+    state
+        .full(
+            &plan_of(&[PortPlan::cluster_ip("dns", "10.96.0.53", 53, &[a]).udp()]),
+            &config(),
+            kernel.maps(),
+        )
+        .expect("adopt");
+    state.partial(&plan, &diff, &config(), kernel.maps()).expect("partial sync");
+    assert_eq!(TestRun::ingress(&kernel, &datagram).parse().dst, a, "the established flow follows its entry");
+    let gone = proxy::backend::ebpf::gone_udp_endpoints(&diff);
+    assert_eq!(kernel.maps().purge_udp_connections(&gone), 1);
+    assert_eq!(TestRun::ingress(&kernel, &datagram).parse().dst, b, "after the purge the flow chooses again");
+}

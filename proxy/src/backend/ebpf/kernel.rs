@@ -481,6 +481,39 @@ impl KernelMaps {
         })
     }
 
+    /// Deletes the UDP connection entries (and their reply entries) translated to one of
+    /// `gone` (endpoints that stopped serving), so the next datagram of such a flow chooses
+    /// again instead of following a dead endpoint (kube-proxy clears UDP conntrack entries the
+    /// same way). TCP connections are left to end by themselves. Returns how many were deleted.
+    pub fn purge_udp_connections(&mut self, gone: &std::collections::HashSet<std::net::SocketAddr>) -> usize {
+        use super::maps::ip_of;
+        if gone.is_empty() {
+            return 0;
+        }
+        let doomed: Vec<(FlowKey, CtValue)> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                k.protocol == proxy_common::protocol::UDP
+                    && gone.contains(&std::net::SocketAddr::new(ip_of(&v.addr), u16::from_be(v.port)))
+            })
+            .collect();
+        for (k, v) in &doomed {
+            let reply = FlowKey {
+                saddr: v.addr,
+                daddr: k.saddr,
+                sport: v.port,
+                dport: k.sport,
+                protocol: k.protocol,
+                _pad: [0; 3],
+            };
+            let _ = self.conntrack.remove(k);
+            let _ = self.revnat.remove(&reply);
+        }
+        doomed.len()
+    }
+
     /// Entries of one of the programs' own maps.
     pub fn connection_count(&self, name: &str) -> usize {
         match name {

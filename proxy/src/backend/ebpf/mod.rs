@@ -279,7 +279,14 @@ impl EbpfBackend {
             Some(d) if !full => state.partial(plan, d, config, maps)?,
             _ => state.full(plan, config, maps)?,
         }
-        let operations = state.operations;
+        let mut operations = state.operations;
+        if let (Some(d), Some(k)) = (diff, kernel.as_mut()) {
+            let purged = k.maps().purge_udp_connections(&gone_udp_endpoints(d));
+            if purged > 0 {
+                debug!(purged, "UDP connections to endpoints that went away");
+            }
+            operations += purged;
+        }
         // Programs attach after the maps are filled, so they never see a half-empty table.
         self.attach(full)?;
         if full {
@@ -341,6 +348,26 @@ impl EbpfBackend {
     pub fn attached_interfaces(&self) -> Vec<String> {
         self.attached.iter().cloned().collect()
     }
+}
+
+/// UDP endpoints a diff takes away: in a changed or removed port's previous endpoints and not in
+/// its new ones.
+pub fn gone_udp_endpoints(diff: &PlanDiff) -> std::collections::HashSet<std::net::SocketAddr> {
+    use crate::model::Protocol;
+    let mut gone = std::collections::HashSet::new();
+    let all = |p: &crate::plan::ServicePortPlan| -> BTreeSet<std::net::SocketAddr> {
+        p.cluster_endpoints.iter().chain(&p.local_endpoints).copied().collect()
+    };
+    for (old, new) in &diff.changed {
+        if old.protocol == Protocol::Udp {
+            let keep = all(new);
+            gone.extend(all(old).into_iter().filter(|e| !keep.contains(e)));
+        }
+    }
+    for old in diff.removed.iter().filter(|p| p.protocol == Protocol::Udp) {
+        gone.extend(all(old));
+    }
+    gone
 }
 
 /// The map contents a full sync of `plan` writes, as text (touches nothing).
