@@ -67,6 +67,7 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 const ETH_HDR_LEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_ARP: u16 = 0x0806;
 const IPV4_MIN_HDR_LEN: usize = 20;
 const IPV6_HDR_LEN: usize = 40;
 
@@ -500,6 +501,9 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> i32 {
 
 #[inline(always)]
 fn parse_into(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, ParseError> {
+    if let Some(result) = parse_direct(ctx, pkt) {
+        return result;
+    }
     let ether_type = u16::from_be(load::<u16>(ctx, 12)?);
     let l3 = ETH_HDR_LEN;
     pkt.l3 = l3;
@@ -587,6 +591,65 @@ fn parse_into(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, ParseError> {
         pkt.tcp_flags = 0;
     }
     Ok(true)
+}
+
+/// The common case read with direct packet access (no helper calls): IPv4 without options or
+/// IPv6 without extension headers, TCP/UDP/SCTP, the first 14 bytes of the transport header in
+/// the linear part of the skb. `None`: not that case, [`parse_into`]'s helper path decides.
+#[inline(always)]
+fn parse_direct(ctx: &TcContext, pkt: &mut Packet) -> Option<Result<bool, ParseError>> {
+    let data = ctx.data();
+    let end = ctx.data_end();
+    if data + ETH_HDR_LEN > end {
+        return None;
+    }
+    // SAFETY: inside [data, data_end), checked above (and by the verifier).
+    let ether_type = u16::from_be_bytes(unsafe { *((data + 12) as *const [u8; 2]) });
+    let l4 = match ether_type {
+        ETH_P_IPV4 => {
+            if data + ETH_HDR_LEN + IPV4_MIN_HDR_LEN + 14 > end {
+                return None;
+            }
+            // SAFETY: as above.
+            let h = unsafe { *((data + ETH_HDR_LEN) as *const [u8; IPV4_MIN_HDR_LEN]) };
+            if h[0] != 0x45 || u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
+                return None;
+            }
+            pkt.ipv6 = false;
+            pkt.protocol = h[9];
+            pkt.saddr = ipv4_mapped([h[12], h[13], h[14], h[15]]);
+            pkt.daddr = ipv4_mapped([h[16], h[17], h[18], h[19]]);
+            ETH_HDR_LEN + IPV4_MIN_HDR_LEN
+        }
+        ETH_P_IPV6 => {
+            if data + ETH_HDR_LEN + IPV6_HDR_LEN + 14 > end {
+                return None;
+            }
+            // SAFETY: as above.
+            let h = unsafe { &*((data + ETH_HDR_LEN) as *const [u8; IPV6_HDR_LEN]) };
+            if h[0] >> 4 != 6 || !matches!(h[6], protocol::TCP | protocol::UDP | protocol::SCTP) {
+                return None;
+            }
+            pkt.ipv6 = true;
+            pkt.protocol = h[6];
+            pkt.saddr.copy_from_slice(&h[8..24]);
+            pkt.daddr.copy_from_slice(&h[24..40]);
+            ETH_HDR_LEN + IPV6_HDR_LEN
+        }
+        ETH_P_ARP => return Some(Ok(false)),
+        _ => return None,
+    };
+    if !matches!(pkt.protocol, protocol::TCP | protocol::UDP | protocol::SCTP) {
+        return Some(Ok(false));
+    }
+    // SAFETY: `l4 + 14` is within the bound checked above.
+    let t = unsafe { *((data + l4) as *const [u8; 14]) };
+    pkt.l3 = ETH_HDR_LEN;
+    pkt.l4 = l4;
+    pkt.sport = u16::from_ne_bytes([t[0], t[1]]);
+    pkt.dport = u16::from_ne_bytes([t[2], t[3]]);
+    pkt.tcp_flags = if pkt.protocol == protocol::TCP { t[13] } else { 0 };
+    Some(Ok(true))
 }
 
 /// Offset of the transport checksum from the transport header, and the l4_csum_replace flags
