@@ -209,6 +209,7 @@ mod tests {
             local_endpoints: vec!["[fd00:1::1]:8080".parse().unwrap()],
             has_endpoints: true,
             hairpin_ips: vec![],
+            serving_endpoints: Vec::new(),
         }
     }
 

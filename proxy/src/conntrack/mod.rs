@@ -265,6 +265,7 @@ mod tests {
             cluster_endpoints: endpoints,
             local_endpoints: Vec::new(),
             hairpin_ips: Vec::new(),
+            serving_endpoints: Vec::new(),
         }
     }
 

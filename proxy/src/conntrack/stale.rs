@@ -234,9 +234,10 @@ fn frontends(p: &ServicePortPlan) -> BTreeSet<Frontend> {
     out
 }
 
-/// Endpoints the port sends new flows to, under either traffic policy.
+/// Endpoints whose flows stay: every serving endpoint, as kube-proxy keeps them, also those
+/// that policies or topology no longer choose for new flows.
 fn used_endpoints(p: &ServicePortPlan) -> BTreeSet<SocketAddr> {
-    p.cluster_endpoints.iter().chain(&p.local_endpoints).copied().collect()
+    p.serving_endpoints.iter().chain(&p.cluster_endpoints).chain(&p.local_endpoints).copied().collect()
 }
 
 /// Frontends that start having endpoints: their flows that no current endpoint answers.
@@ -325,6 +326,7 @@ mod tests {
             cluster_endpoints: eps,
             local_endpoints: Vec::new(),
             hairpin_ips: Vec::new(),
+            serving_endpoints: Vec::new(),
         }
     }
 

@@ -102,6 +102,10 @@ pub struct ServicePortPlan {
     /// that lands back on itself (hairpin) must be masqueraded, or the pod would drop the reply
     /// it sees coming from itself.
     pub hairpin_ips: Vec<IpAddr>,
+    /// Every endpoint still serving (ready, or serving while terminating), whatever the
+    /// policies and topology chose: flows already on one of them are left alone (conntrack
+    /// cleanup only removes flows to endpoints that stopped serving, as kube-proxy does).
+    pub serving_endpoints: Vec<SocketAddr>,
 }
 
 impl ServicePortPlan {
@@ -218,6 +222,11 @@ pub fn plan_service(svc: &Service, store: &Store, config: &NodeConfig) -> Vec<Se
                 local_endpoints: cat.local,
                 has_endpoints: cat.has_any,
                 hairpin_ips,
+                serving_endpoints: candidates
+                    .iter()
+                    .filter(|c| c.ready || c.serving)
+                    .map(|c| c.addr)
+                    .collect(),
             });
         }
     }

@@ -35,6 +35,7 @@ fn port(name: &str, ip: &str, endpoints: &[&str]) -> ServicePortPlan {
         local_endpoints: vec![],
         has_endpoints: !eps.is_empty(),
         hairpin_ips: vec![],
+        serving_endpoints: Vec::new(),
     }
 }
 
