@@ -75,6 +75,7 @@ impl PortPlan {
             health_check_node_port: None,
             affinity_timeout: None,
             cluster_endpoints: endpoints.to_vec(),
+            serving_endpoints: endpoints.to_vec(),
             hairpin_ips: local.iter().map(SocketAddr::ip).collect(),
             local_endpoints: local,
             has_endpoints: !endpoints.is_empty(),

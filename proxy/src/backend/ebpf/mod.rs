@@ -350,22 +350,24 @@ impl EbpfBackend {
     }
 }
 
-/// UDP endpoints a diff takes away: in a changed or removed port's previous endpoints and not in
-/// its new ones.
+/// UDP endpoints a diff takes away: in a changed or removed port's previous endpoints and no
+/// longer serving in its new version (flows on a serving-but-terminating endpoint are left
+/// alone, as kube-proxy does).
 pub fn gone_udp_endpoints(diff: &PlanDiff) -> std::collections::HashSet<std::net::SocketAddr> {
     use crate::model::Protocol;
     let mut gone = std::collections::HashSet::new();
-    let all = |p: &crate::plan::ServicePortPlan| -> BTreeSet<std::net::SocketAddr> {
+    let used = |p: &crate::plan::ServicePortPlan| -> BTreeSet<std::net::SocketAddr> {
         p.cluster_endpoints.iter().chain(&p.local_endpoints).copied().collect()
     };
     for (old, new) in &diff.changed {
         if old.protocol == Protocol::Udp {
-            let keep = all(new);
-            gone.extend(all(old).into_iter().filter(|e| !keep.contains(e)));
+            let keep: BTreeSet<std::net::SocketAddr> =
+                used(new).into_iter().chain(new.serving_endpoints.iter().copied()).collect();
+            gone.extend(used(old).into_iter().filter(|e| !keep.contains(e)));
         }
     }
     for old in diff.removed.iter().filter(|p| p.protocol == Protocol::Udp) {
-        gone.extend(all(old));
+        gone.extend(used(old));
     }
     gone
 }
