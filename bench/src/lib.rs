@@ -9,7 +9,7 @@ use proxy::plan::NodeConfig;
 use proxy::store::{Object, Store, StoreEvent};
 
 pub fn service(i: usize) -> Object {
-    Object::Service(Box::new(Service {
+    Object::Service(std::sync::Arc::new(Service {
         metadata: ObjectMeta {
             name: Some(format!("svc-{i}")),
             namespace: Some("bench".into()),
@@ -42,7 +42,7 @@ pub fn slice(i: usize, endpoints: usize, generation: usize) -> Object {
             }
         })
         .collect();
-    Object::EndpointSlice(Box::new(EndpointSlice {
+    Object::EndpointSlice(std::sync::Arc::new(EndpointSlice {
         metadata: ObjectMeta {
             name: Some(format!("svc-{i}-abc")),
             namespace: Some("bench".into()),

@@ -6,6 +6,7 @@
 //! to ServiceCIDRs affect every service and mark a full re-plan.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as core;
@@ -19,13 +20,14 @@ use crate::model::{
     EndpointSlice, Kind, NodeInfo, ObjectRef, Problem, ProblemReason, Service, ServiceKey, parse_cidr_sloppy,
 };
 
-/// An API object as a source delivers it.
+/// An API object as a source delivers it. Shared, so a source can keep the objects it
+/// delivered (the manifest source re-sends every file's content) without copying them.
 #[derive(Debug, Clone)]
 pub enum Object {
-    Service(Box<core::Service>),
-    EndpointSlice(Box<discovery::EndpointSlice>),
-    Node(Box<core::Node>),
-    ServiceCidr(Box<networking::ServiceCIDR>),
+    Service(Arc<core::Service>),
+    EndpointSlice(Arc<discovery::EndpointSlice>),
+    Node(Arc<core::Node>),
+    ServiceCidr(Arc<networking::ServiceCIDR>),
 }
 
 impl Object {

@@ -85,9 +85,9 @@ fn service(i: u64, rng: &mut Rng) -> (Object, Vec<Object>) {
             "addressType": family, "ports": [{"name": "p", "port": 8080, "protocol": svc.spec.as_ref().and_then(|s| s.ports.as_ref()).and_then(|p| p[0].protocol.clone())}],
             "endpoints": eps});
         let slice: EndpointSlice = serde_json::from_value(slice).expect("slice");
-        slices.push(Object::EndpointSlice(Box::new(slice)));
+        slices.push(Object::EndpointSlice(std::sync::Arc::new(slice)));
     }
-    (Object::Service(Box::new(svc)), slices)
+    (Object::Service(std::sync::Arc::new(svc)), slices)
 }
 
 /// Element counts per set of ferry's tables, as the kernel holds them.

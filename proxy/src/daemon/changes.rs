@@ -272,7 +272,7 @@ mod tests {
         .unwrap();
         let ev = StoreEvent::Replace {
             kinds: vec![Kind::Service, Kind::EndpointSlice],
-            objects: vec![Object::Service(Box::new(svc))],
+            objects: vec![Object::Service(std::sync::Arc::new(svc))],
         };
         let parts = split_by_kind(ev);
         assert_eq!(parts.len(), 2);
@@ -292,7 +292,7 @@ mod tests {
             "addressType": "IPv4", "endpoints": []
         }))
         .unwrap();
-        let i = EventInfo::of(&StoreEvent::Apply(Object::EndpointSlice(Box::new(slice))));
+        let i = EventInfo::of(&StoreEvent::Apply(Object::EndpointSlice(std::sync::Arc::new(slice))));
         assert_eq!(i.service, Some(ServiceKey::new("ns", "a")));
         assert_eq!(i.trigger, Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_704_164_645)));
     }

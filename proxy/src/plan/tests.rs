@@ -24,7 +24,7 @@ fn service(name: &str, spec: Value) -> Object {
 fn service_with(name: &str, spec: Value, status: Value, labels: Value) -> Object {
     let v = json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": "ns", "labels": labels}, "spec": spec, "status": status});
-    Object::Service(Box::new(serde_json::from_value(v).unwrap()))
+    Object::Service(std::sync::Arc::new(serde_json::from_value(v).unwrap()))
 }
 
 /// An endpoint: (ip, node, ready, serving, terminating, zone hint).
@@ -49,13 +49,13 @@ fn slice(name: &str, svc: &str, family: &str, port: i32, eps: &[Ep]) -> Object {
     let v = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": name, "namespace": "ns", "labels": {"kubernetes.io/service-name": svc}},
         "addressType": family, "ports": [{"name": "http", "port": port, "protocol": "TCP"}], "endpoints": endpoints});
-    Object::EndpointSlice(Box::new(serde_json::from_value(v).unwrap()))
+    Object::EndpointSlice(std::sync::Arc::new(serde_json::from_value(v).unwrap()))
 }
 
 fn node(zone: &str) -> Object {
     let v = json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": NODE, "labels": {"topology.kubernetes.io/zone": zone}}});
-    Object::Node(Box::new(serde_json::from_value(v).unwrap()))
+    Object::Node(std::sync::Arc::new(serde_json::from_value(v).unwrap()))
 }
 
 fn store_of(objects: Vec<Object>) -> Store {
@@ -440,7 +440,7 @@ mod property {
             let ep_slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                 "metadata": {"name": "f", "namespace": "ns", "labels": {"kubernetes.io/service-name": "fuzz"}},
                 "addressType": "IPv4", "ports": [{"port": 8080}], "endpoints": [{"addresses": [ep]}]});
-            let fuzz_slice = Object::EndpointSlice(Box::new(serde_json::from_value(ep_slice).unwrap()));
+            let fuzz_slice = Object::EndpointSlice(std::sync::Arc::new(serde_json::from_value(ep_slice).unwrap()));
             let store = store_of(vec![service("web", web(json!({}))), three_endpoints(), bad, fuzz_slice]);
             let plan = build(&store, &cfg);
             let web = plan.ports.values().find(|p| p.name.service.name == "web");

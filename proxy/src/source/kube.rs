@@ -97,28 +97,28 @@ pub async fn run_with(
         kind: Kind::Service,
         api: Api::<core::Service>::all(client.clone()),
         config: proxied.clone(),
-        wrap: |o| Object::Service(Box::new(o)),
+        wrap: |o| Object::Service(std::sync::Arc::new(o)),
         optional: false,
     };
     let slices = Watch {
         kind: Kind::EndpointSlice,
         api: Api::<discovery::EndpointSlice>::all(client.clone()),
         config: proxied,
-        wrap: |o| Object::EndpointSlice(Box::new(o)),
+        wrap: |o| Object::EndpointSlice(std::sync::Arc::new(o)),
         optional: false,
     };
     let node = Watch {
         kind: Kind::Node,
         api: Api::<core::Node>::all(client.clone()),
         config: this_node,
-        wrap: |o| Object::Node(Box::new(o)),
+        wrap: |o| Object::Node(std::sync::Arc::new(o)),
         optional: false,
     };
     let cidrs = Watch {
         kind: Kind::ServiceCIDR,
         api: Api::<networking::ServiceCIDR>::all(client),
         config: watcher::Config::default(),
-        wrap: |o| Object::ServiceCidr(Box::new(o)),
+        wrap: |o| Object::ServiceCidr(std::sync::Arc::new(o)),
         optional: true,
     };
     info!(node = %node_name, selector = LABEL_SELECTOR, "watching the Kubernetes API");
@@ -304,7 +304,7 @@ mod tests {
     }
 
     fn translate() -> Translate<core::Service> {
-        Translate::new(Kind::Service, |o| Object::Service(Box::new(o)))
+        Translate::new(Kind::Service, |o| Object::Service(std::sync::Arc::new(o)))
     }
 
     fn names(event: &StoreEvent) -> Vec<String> {

@@ -79,15 +79,16 @@ fn collect(value: serde_yaml_ng::Value, out: &mut Vec<Object>) -> Result<(), Str
             }
         }
         ("v1", "Service") => {
-            out.push(Object::Service(Box::new(serde_yaml_ng::from_value(value).map_err(typed)?)))
+            out.push(Object::Service(std::sync::Arc::new(serde_yaml_ng::from_value(value).map_err(typed)?)))
         }
-        ("v1", "Node") => out.push(Object::Node(Box::new(serde_yaml_ng::from_value(value).map_err(typed)?))),
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            out.push(Object::EndpointSlice(Box::new(serde_yaml_ng::from_value(value).map_err(typed)?)))
+        ("v1", "Node") => {
+            out.push(Object::Node(std::sync::Arc::new(serde_yaml_ng::from_value(value).map_err(typed)?)))
         }
-        ("networking.k8s.io/v1", "ServiceCIDR") => {
-            out.push(Object::ServiceCidr(Box::new(serde_yaml_ng::from_value(value).map_err(typed)?)))
-        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => out.push(Object::EndpointSlice(std::sync::Arc::new(
+            serde_yaml_ng::from_value(value).map_err(typed)?,
+        ))),
+        ("networking.k8s.io/v1", "ServiceCIDR") => out
+            .push(Object::ServiceCidr(std::sync::Arc::new(serde_yaml_ng::from_value(value).map_err(typed)?))),
         (api, kind) => debug!(api, kind, "ignoring manifest of a kind ferry does not read"),
     }
     Ok(())
