@@ -21,7 +21,8 @@ fn main() -> anyhow::Result<()> {
         Command::Trace(args) => trace::run(&args),
         Command::Status(args) => status::run(&args),
         Command::Cleanup(args) => {
-            backend::build(args.backend, &BackendOptions::default())?.cleanup()?;
+            let options = BackendOptions { bpffs: args.bpffs.clone(), ..BackendOptions::default() };
+            backend::build(args.backend, &options)?.cleanup()?;
             Ok(())
         }
     }

@@ -46,6 +46,9 @@ pub enum Command {
 pub struct CleanupArgs {
     #[arg(long, value_enum, default_value = "nftables")]
     pub backend: BackendKind,
+    /// eBPF: the bpffs ferry pinned its maps and links under.
+    #[arg(long, value_name = "DIR")]
+    pub bpffs: Option<std::path::PathBuf>,
 }
 
 /// Flags describing this node, shared by every command that plans.
