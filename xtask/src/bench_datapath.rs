@@ -8,9 +8,10 @@
 //!
 //! Every data plane gets its own copy of the sandbox's cluster (a node with a client pod and a
 //! server pod): "no ruleset" (the baseline), ferry with each backend, and the kube-proxy shape.
-//! All are programmed at once, and the measurements rotate between them in small blocks, so a
-//! burst of other work on the machine hits every data plane alike and the ratios compare on the
-//! same machine state. Everything stays between the sandboxes' namespaces.
+//! All are programmed at once, and the measurements rotate between them — connection by
+//! connection for latency, run by run for iperf3 — so a burst of other work on the machine hits
+//! every data plane alike and the ratios compare on the same machine state. Everything stays
+//! between the sandboxes' namespaces.
 //!
 //! The measured service (`target`, ClusterIP 10.96.0.10, ports 80 → 8080 and 5201 → 5201) has
 //! one endpoint, the server pod, so iperf3's control and data connections meet the same server;
@@ -63,7 +64,7 @@ pub struct Args {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "nftables,ebpf")]
     pub backends: Vec<Backend>,
     /// Connections per latency measurement (each data plane and target).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 5000)]
     pub connects: usize,
     /// Upper bound on the latency phase at one size, in seconds.
     #[arg(long, default_value_t = 120)]
@@ -99,8 +100,6 @@ const HTTP_PORT: u16 = 80;
 const RESPONDER_PORT: u16 = 8080;
 const IPERF_PORT: u16 = 5201;
 const WARMUP: usize = 50;
-/// Connections in a row to one data plane and target before rotating to the next.
-const BLOCK: usize = 50;
 
 const NONE: &str = "no ruleset";
 const KUBE_PROXY: &str = "kube-proxy shape";
@@ -129,7 +128,10 @@ struct Measurement {
     connects: usize,
     failures: usize,
     wrong_endpoint: usize,
+    p10_us: f64,
+    p25_us: f64,
     p50_us: f64,
+    p75_us: f64,
     p90_us: f64,
     p99_us: f64,
     mean_us: f64,
@@ -439,25 +441,9 @@ fn measure_size(args: &Args, planes: &[Plane], n: usize) -> Result<Vec<Measureme
         .filter(|p| p.active || p.kind == Kind::Baseline)
         .flat_map(|p| p.targets().into_iter().map(move |(t, a)| (p, t, a)))
         .collect();
-    let mut lat: Vec<Latency> = pairs.iter().map(|_| Latency::default()).collect();
-    for (plane, _, addr) in &pairs {
-        warm_up(&plane.cluster.client.ns, *addr)?;
-    }
-    let deadline = Instant::now() + Duration::from_secs(args.connect_budget);
-    let rounds = args.connects.div_ceil(BLOCK);
-    'rounds: for round in 0..rounds {
-        for k in 0..pairs.len() {
-            // Rotate the order every round so no pair always follows the same one.
-            let i = (k + round) % pairs.len();
-            let (plane, _, addr) = pairs[i];
-            let want = BLOCK.min(args.connects - lat[i].attempts());
-            connect_block(&plane.cluster.client.ns, addr, plane.server, want, &mut lat[i])?;
-            if Instant::now() > deadline {
-                println!("  latency: stopped at the {}s budget after round {round}", args.connect_budget);
-                break 'rounds;
-            }
-        }
-    }
+    let targets: Vec<(Netns, SocketAddr, SocketAddr)> =
+        pairs.iter().map(|(plane, _, addr)| (plane.cluster.client.ns.clone(), *addr, plane.server)).collect();
+    let lat = interleaved_latency(&targets, args.connects, Duration::from_secs(args.connect_budget))?;
 
     let mut tput: Vec<Vec<f64>> = pairs.iter().map(|_| Vec::new()).collect();
     if args.iperf_seconds > 0 {
@@ -489,7 +475,10 @@ fn measure_size(args: &Args, planes: &[Plane], n: usize) -> Result<Vec<Measureme
             connects: sorted.len(),
             failures: l.failures,
             wrong_endpoint: l.wrong_endpoint,
+            p10_us: percentile(&sorted, 10.0),
+            p25_us: percentile(&sorted, 25.0),
             p50_us: percentile(&sorted, 50.0),
+            p75_us: percentile(&sorted, 75.0),
             p90_us: percentile(&sorted, 90.0),
             p99_us: percentile(&sorted, 99.0),
             mean_us: sorted.iter().sum::<f64>() / sorted.len() as f64,
@@ -513,48 +502,63 @@ struct Latency {
 }
 
 impl Latency {
-    fn attempts(&self) -> usize {
-        self.samples_us.len() + self.failures
-    }
-}
-
-/// Untimed connections first: neighbour entries, conntrack, caches.
-fn warm_up(client: &Netns, target: SocketAddr) -> Result<()> {
-    client.run(move || {
-        for _ in 0..WARMUP {
-            let _ = one_connection(target);
-        }
-    })?;
-    Ok(())
-}
-
-/// `count` timed connections from `client` to `target`, added to `lat`.
-fn connect_block(
-    client: &Netns,
-    target: SocketAddr,
-    expect: SocketAddr,
-    count: usize,
-    lat: &mut Latency,
-) -> Result<()> {
-    client.run(|| {
-        for _ in 0..count {
-            match one_connection(target) {
-                Ok((took, server)) => {
-                    lat.samples_us.push(took.as_secs_f64() * 1e6);
-                    if server != expect {
-                        lat.wrong_endpoint += 1;
-                    }
+    fn record(&mut self, result: Result<(Duration, SocketAddr)>, expect: SocketAddr) {
+        match result {
+            Ok((took, server)) => {
+                self.samples_us.push(took.as_secs_f64() * 1e6);
+                if server != expect {
+                    self.wrong_endpoint += 1;
                 }
-                Err(e) => {
-                    lat.failures += 1;
-                    if lat.errors.len() < 3 {
-                        lat.errors.push(format!("{e:#}"));
-                    }
+            }
+            Err(e) => {
+                self.failures += 1;
+                if self.errors.len() < 3 {
+                    self.errors.push(format!("{e:#}"));
                 }
             }
         }
-    })?;
-    Ok(())
+    }
+}
+
+/// Latency to every target: one connection to each in turn, the order rotating every round,
+/// so whatever else the machine does at a moment hits all targets alike. One thread of its own
+/// enters each target's client namespace for its connection (the caller's never moves). Each
+/// target first gets untimed warm-up connections (neighbour entries, caches).
+fn interleaved_latency(
+    targets: &[(Netns, SocketAddr, SocketAddr)],
+    count: usize,
+    budget: Duration,
+) -> Result<Vec<Latency>> {
+    let measure = || -> Result<Vec<Latency>> {
+        let mut lat: Vec<Latency> = targets.iter().map(|_| Latency::default()).collect();
+        for (ns, addr, _) in targets {
+            let _inside = ns.enter()?;
+            for _ in 0..WARMUP {
+                let _ = one_connection(*addr);
+            }
+        }
+        let deadline = Instant::now() + budget;
+        for round in 0..count {
+            if Instant::now() > deadline {
+                println!("  latency: stopped at the {budget:?} budget after {round} rounds");
+                break;
+            }
+            for k in 0..targets.len() {
+                let i = (k + round) % targets.len();
+                let (ns, addr, expect) = &targets[i];
+                let result = {
+                    let _inside = ns.enter()?;
+                    one_connection(*addr)
+                };
+                lat[i].record(result, *expect);
+            }
+        }
+        Ok(lat)
+    };
+    std::thread::scope(|scope| match scope.spawn(measure).join() {
+        Ok(result) => result,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
 }
 
 /// Connects (timed), reads the responder's reply, closes with a reset (no TIME_WAIT).
@@ -688,9 +692,11 @@ fn print_report(report: &Report) {
         "services",
         "data plane",
         "target",
+        "p25 µs",
         "p50 µs",
-        "p90 µs",
+        "p75 µs",
         "p99 µs",
+        "mean µs",
         "Gbit/s",
         "failed",
         "programmed ms",
@@ -703,9 +709,11 @@ fn print_report(report: &Report) {
                 m.services.to_string(),
                 m.dataplane.clone(),
                 m.target.to_owned(),
+                cell(Some(m.p25_us)),
                 cell(Some(m.p50_us)),
-                cell(Some(m.p90_us)),
+                cell(Some(m.p75_us)),
                 cell(Some(m.p99_us)),
+                cell(Some(m.mean_us)),
                 cell(m.throughput_gbit_s),
                 (m.failures + m.wrong_endpoint).to_string(),
                 cell(m.program_ms),
