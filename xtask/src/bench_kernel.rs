@@ -7,7 +7,8 @@
 //! For each size N (services × `--endpoints` endpoints, kube-proxy's BenchmarkSyncProxyRules
 //! shape) it starts the release `ferry run --manifests` in a fresh namespace and reads its
 //! `synced … took_ms=` lines: the first sync is the full one; then one endpoint of one service
-//! changes in the manifests and the next sync is the incremental one. `took_ms` is the backend's
+//! changes in the manifests and the next sync is the incremental one (`--changes` times, each
+//! to another service; the median is reported). `took_ms` is the backend's
 //! time (compile + `nft`); "end to end" is from starting the process to the first sync logged,
 //! which adds reading and parsing the YAML, the manifest source's 200 ms debounce and planning.
 //! Peak RSS is ferry's VmHWM after both syncs. The kube-proxy shape (see `bench/kube_proxy.rs`)
@@ -25,7 +26,7 @@ use crate::bench::ferry::{binary, peak_rss_kib, stop_and_clean, wait_syncs};
 use crate::bench::kube_proxy::{self, LIST_COMMANDS};
 use crate::bench::services::{self, Service};
 use crate::bench::svg::{self, Chart, Series};
-use crate::bench::{Machine, TempDir, cell, print_table, timed_command, write_json, write_svg};
+use crate::bench::{Machine, TempDir, cell, percentile, print_table, timed_command, write_json, write_svg};
 use crate::setup;
 
 #[derive(clap::Args, Debug)]
@@ -36,6 +37,9 @@ pub struct Args {
     /// Ready endpoints per service.
     #[arg(long, default_value_t = 10)]
     pub endpoints: usize,
+    /// One-endpoint changes per size (each to another service); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub changes: usize,
     /// The kube-proxy-shaped ruleset is skipped above this many services (its load grows
     /// faster than linearly: minutes at 10,000 on a 2-core machine).
     #[arg(long, default_value_t = 10_000)]
@@ -74,7 +78,9 @@ struct FerryResult {
     full_sync_ms: f64,
     full_sync_operations: usize,
     first_sync_end_to_end_ms: f64,
+    /// Median over the changes.
     one_endpoint_sync_ms: f64,
+    one_endpoint_sync_ms_each: Vec<f64>,
     one_endpoint_operations: usize,
     peak_rss_mib: f64,
 }
@@ -84,8 +90,11 @@ struct KubeProxyResult {
     full_transaction_ms: f64,
     full_list_ms: f64,
     full_script_bytes: usize,
+    /// Medians over the changes.
     one_endpoint_transaction_ms: f64,
     one_endpoint_list_ms: f64,
+    /// (transaction, list) of each change.
+    one_endpoint_each_ms: Vec<(f64, f64)>,
     one_endpoint_script_bytes: usize,
 }
 
@@ -122,10 +131,17 @@ pub fn run(args: &Args) -> Result<()> {
     let mut rows = Vec::new();
     for &n in &args.sizes {
         println!("\n▶ {n} services × {} endpoints", args.endpoints);
-        let mut services = services::synthetic_set(n, args.endpoints)?;
-        let changed_index = n / 2;
+        let original = services::synthetic_set(n, args.endpoints)?;
+        // Distinct services spread over the set (and its manifest files), each changed once.
+        let mut changed: Vec<usize> = Vec::new();
+        for g in 0..args.changes.max(1) {
+            let index = (n / 2 + g * 997) % n;
+            if !changed.contains(&index) {
+                changed.push(index);
+            }
+        }
         let sb = Sandbox::new("bench_kernel")?;
-        let ferry_result = measure_ferry(&ferry, &sb, &mut services, changed_index)?;
+        let ferry_result = measure_ferry(&ferry, &sb, original.clone(), &changed)?;
         println!(
             "  ferry: full sync {:.1} ms ({} ops), first sync end to end {:.0} ms, one endpoint {:.1} ms, peak RSS {:.0} MiB",
             ferry_result.full_sync_ms,
@@ -135,9 +151,7 @@ pub fn run(args: &Args) -> Result<()> {
             ferry_result.peak_rss_mib
         );
         let (kube_proxy_shape, skipped) = if n <= args.kube_proxy_max {
-            // `services` now holds the changed endpoint; the reference starts from the original.
-            let original = services::synthetic_set(n, args.endpoints)?;
-            let r = measure_kube_proxy(&sb, &original, changed_index)?;
+            let r = measure_kube_proxy(&sb, &original, &changed)?;
             println!(
                 "  kube-proxy shape: full {:.0} ms (transaction {:.0} + list {:.0}), one endpoint {:.0} ms (transaction {:.0} + list {:.0})",
                 r.full_ms(),
@@ -179,13 +193,13 @@ pub fn run(args: &Args) -> Result<()> {
 fn measure_ferry(
     ferry: &std::path::Path,
     sb: &Sandbox,
-    services: &mut [Service],
-    changed_index: usize,
+    mut services: Vec<Service>,
+    changed: &[usize],
 ) -> Result<FerryResult> {
     let n = services.len();
     let ns = sb.netns("ferry")?;
     let dir = TempDir::new(&format!("bench-kernel-{n}"))?;
-    services::write_manifests(&dir.0, services)?;
+    services::write_manifests(&dir.0, &services)?;
     let mut cmd = vec![
         ferry.display().to_string(),
         "run".into(),
@@ -205,13 +219,19 @@ fn measure_ferry(
     let full = first[0].clone();
     ensure!(full.full && full.services == n, "unexpected first sync: {full:?}");
 
-    if let Some(s) = services.get_mut(changed_index) {
-        *s = services::with_one_endpoint_replaced(s, 1);
+    let mut each = Vec::new();
+    let mut operations = 0;
+    for (g, &index) in changed.iter().enumerate() {
+        if let Some(s) = services.get_mut(index) {
+            *s = services::with_one_endpoint_replaced(s, g as u32 + 1);
+        }
+        services::rewrite_manifest_of(&dir.0, &services, index)?;
+        let lines = wait_syncs(&proc, g + 2, timeout)?;
+        let one = lines[g + 1].clone();
+        ensure!(!one.full && one.services == n, "change {g} was not synced incrementally: {one:?}");
+        each.push(one.took_ms);
+        operations = one.operations;
     }
-    services::rewrite_manifest_of(&dir.0, services, changed_index)?;
-    let both = wait_syncs(&proc, 2, timeout)?;
-    let one = both[1].clone();
-    ensure!(!one.full && one.services == n, "the change was not synced incrementally: {one:?}");
     let rss_kib = peak_rss_kib(proc.pid(), ferry)?;
     let tables = ns.exec(&["nft", "list", "tables"])?;
     ensure!(tables.contains("ip ferry"), "ferry's table is missing after the syncs: {tables}");
@@ -221,13 +241,14 @@ fn measure_ferry(
         full_sync_ms: full.took_ms,
         full_sync_operations: full.operations,
         first_sync_end_to_end_ms: end_to_end.as_secs_f64() * 1e3,
-        one_endpoint_sync_ms: one.took_ms,
-        one_endpoint_operations: one.operations,
+        one_endpoint_sync_ms: median(&each),
+        one_endpoint_sync_ms_each: each,
+        one_endpoint_operations: operations,
         peak_rss_mib: rss_kib as f64 / 1024.0,
     })
 }
 
-fn measure_kube_proxy(sb: &Sandbox, services: &[Service], changed_index: usize) -> Result<KubeProxyResult> {
+fn measure_kube_proxy(sb: &Sandbox, services: &[Service], changed: &[usize]) -> Result<KubeProxyResult> {
     let ns = sb.netns("kubeproxy")?;
     let opts = kube_proxy::Options { cluster_cidr: "10.0.0.0/8".into(), service_cidr: "10.96.0.0/16".into() };
     let bound = Duration::from_secs(1800);
@@ -243,22 +264,39 @@ fn measure_kube_proxy(sb: &Sandbox, services: &[Service], changed_index: usize) 
     let full_script = kube_proxy::full_sync(services, &opts);
     println!("  kube-proxy shape: loading {:.1} MiB of nft commands…", full_script.len() as f64 / 1048576.0);
     let (full_tx, full_list) = sync(&full_script)?;
-    let old = &services[changed_index];
-    let new = services::with_one_endpoint_replaced(old, 1);
-    let partial_script = kube_proxy::partial_sync(old, &new, &opts);
-    let (one_tx, one_list) = sync(&partial_script)?;
+    let mut each = Vec::new();
+    let mut partial_bytes = 0;
+    for (g, &index) in changed.iter().enumerate() {
+        let old = &services[index];
+        let new = services::with_one_endpoint_replaced(old, g as u32 + 1);
+        let partial_script = kube_proxy::partial_sync(old, &new, &opts);
+        partial_bytes = partial_script.len();
+        each.push(sync(&partial_script)?);
+    }
     let chains = timed_command(&ns, &["nft", "list", "chains", "ip"], None, bound)?.1;
     let expected = services.len() * (1 + services[0].endpoints.len());
-    let got = chains.matches("chain service-").count() + chains.matches("chain endpoint-").count();
-    ensure!(got > expected, "the kube-proxy shape has {got} service/endpoint chains, expected {expected}+1");
+    // Per-service and per-endpoint chains are the ones named after a service port.
+    let got = chains.lines().filter(|l| l.trim_start().starts_with("chain ") && l.contains("/tcp/")).count();
+    ensure!(
+        got == expected + changed.len(),
+        "the kube-proxy shape has {got} service/endpoint chains, expected {expected} + {}",
+        changed.len()
+    );
     Ok(KubeProxyResult {
         full_transaction_ms: full_tx,
         full_list_ms: full_list,
         full_script_bytes: full_script.len(),
-        one_endpoint_transaction_ms: one_tx,
-        one_endpoint_list_ms: one_list,
-        one_endpoint_script_bytes: partial_script.len(),
+        one_endpoint_transaction_ms: median(&each.iter().map(|e| e.0).collect::<Vec<_>>()),
+        one_endpoint_list_ms: median(&each.iter().map(|e| e.1).collect::<Vec<_>>()),
+        one_endpoint_each_ms: each,
+        one_endpoint_script_bytes: partial_bytes,
     })
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    percentile(&sorted, 50.0)
 }
 
 fn print_report(report: &Report) {
