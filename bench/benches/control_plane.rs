@@ -13,7 +13,8 @@ use proxy::backend::nftables::NftBackend;
 use proxy::plan::{self, Planner};
 use proxy::store::StoreEvent;
 
-const SIZES: [usize; 3] = [1_000, 10_000, 50_000];
+// kube-proxy's BenchmarkSyncProxyRules sizes (100, 1,000, 5,000) and ferry's targets (10,000, 50,000).
+const SIZES: [usize; 5] = [100, 1_000, 5_000, 10_000, 50_000];
 const ENDPOINTS: usize = 10;
 
 fn plan_build(c: &mut Criterion) {
