@@ -58,6 +58,9 @@ pub enum StoreEvent {
         kinds: Vec<Kind>,
         objects: Vec<Object>,
     },
+    /// Several events that belong together (one manifest file's edit), handled before the
+    /// next sync can start, so a sync never sees half of them.
+    Batch(Vec<StoreEvent>),
 }
 
 /// What changed since the last [`Store::take_changes`].
@@ -115,6 +118,11 @@ impl Store {
                     self.delete(&r);
                 }
                 self.listed.extend(kinds);
+            }
+            StoreEvent::Batch(events) => {
+                for event in events {
+                    self.handle(event);
+                }
             }
         }
     }

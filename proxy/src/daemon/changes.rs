@@ -75,6 +75,10 @@ impl EventInfo {
                 objects: objects.len(),
                 trigger: None,
             },
+            // `split_by_kind` flattens batches; one reaching here is described by its size.
+            StoreEvent::Batch(events) => {
+                Self { class: EventClass::Other, service: None, objects: events.len(), trigger: None }
+            }
         }
     }
 }
@@ -91,10 +95,12 @@ fn trigger_time(slice: &discovery::EndpointSlice) -> Option<SystemTime> {
     Some(SystemTime::from(ts)).filter(|t| *t <= SystemTime::now())
 }
 
-/// Splits a `Replace` of several kinds (a manifest directory snapshot) into one per kind, so
-/// each can be attributed. Equivalent for the store as long as no sync runs in between.
+/// Splits a `Replace` of several kinds (a manifest directory snapshot) into one per kind, and a
+/// `Batch` into its events, so each can be attributed. Equivalent for the store as long as no
+/// sync runs in between (the daemon handles them all before it syncs).
 pub fn split_by_kind(event: StoreEvent) -> Vec<StoreEvent> {
     match event {
+        StoreEvent::Batch(events) => events.into_iter().flat_map(split_by_kind).collect(),
         StoreEvent::Replace { kinds, objects } if kinds.len() > 1 => {
             let mut by_kind: Vec<(Kind, Vec<Object>)> = kinds.iter().map(|k| (*k, Vec::new())).collect();
             for obj in objects {

@@ -4,6 +4,7 @@
 //! the same external IP and port); the first owner's value is in force and the next one takes
 //! over when it goes, so a conflict never fails a transaction.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
 use std::sync::Arc;
@@ -15,8 +16,19 @@ use crate::plan::{NodeConfig, Plan, PortKey};
 
 pub const TABLE: &str = "ferry";
 
-/// Who claims a set element, with the value each claimant wants; the first one is in force.
-type Owners = HashMap<SetRef, HashMap<String, Vec<(Arc<PortKey>, Option<String>)>>>;
+/// Who claims each set element.
+type Owners = HashMap<SetRef, HashMap<String, Claims>>;
+
+/// A service port claiming an element, with the value it wants (None: a set member).
+type Claim = (Arc<PortKey>, Option<String>);
+
+/// The claims on one element: the one in force, then those waiting to take over. Nearly every
+/// element has a single claimant, so the waiting list stays empty and allocates nothing.
+#[derive(Debug)]
+struct Claims {
+    first: Claim,
+    waiting: Vec<Claim>,
+}
 
 #[derive(Debug)]
 pub struct FamilyState {
@@ -50,7 +62,7 @@ impl Transaction {
     }
 
     /// The whole transaction as one nft script.
-    pub fn render(&self, fam: Fam, out: &mut String) {
+    pub fn render(self, fam: Fam, out: &mut String) {
         let parts = self.split(fam, false);
         out.push_str(&parts.before);
         out.push_str(&parts.after);
@@ -59,8 +71,9 @@ impl Transaction {
     /// The transaction in three steps. With `netlink`, elements of exact-match sets are left
     /// out of the scripts for [`super::netlink`] to write in between: `before` creates what the
     /// elements will reference, `after` removes what they no longer reference. Interval sets
-    /// stay in the scripts (added before, removed after).
-    pub fn split(&self, fam: Fam, netlink: bool) -> Split {
+    /// stay in the scripts (added before, removed after). Consumes the transaction so that a
+    /// full sync's hundreds of thousands of elements move into the batch instead of being copied.
+    pub fn split(self, fam: Fam, netlink: bool) -> Split {
         let t = format!("{} {TABLE}", fam.ip);
         let mut out = String::new();
         for (space, i) in &self.slots_added {
@@ -89,33 +102,34 @@ impl Transaction {
         }
         let mut split = Split::default();
         let by_netlink = |set: &SetRef| netlink && !is_interval(set);
-        if !netlink {
-            for (set, keys) in &self.elements_deleted {
-                write_elements(&mut out, "delete", &t, set, keys);
+        // Without netlink every element goes into the script: deletions first, so that a key
+        // deleted and re-added with another value ends with the new one.
+        let mut deleted_by_script = Vec::new();
+        for (set, keys) in self.elements_deleted {
+            if by_netlink(&set) {
+                split.netlink.push((set.to_string(), keys, Vec::new()));
+            } else if netlink {
+                deleted_by_script.push((set, keys));
+            } else {
+                write_elements(&mut out, "delete", &t, &set, &keys);
             }
         }
-        for (set, elems) in &self.elements_added {
-            if !by_netlink(set) {
-                write_elements(&mut out, "add", &t, set, elems);
+        for (set, elems) in self.elements_added {
+            if by_netlink(&set) {
+                split.netlink.push((set.to_string(), Vec::new(), elems));
+            } else {
+                write_elements(&mut out, "add", &t, &set, &elems);
             }
         }
         split.before = out;
         let mut out = String::new();
-        for (set, keys) in &self.elements_deleted {
-            if by_netlink(set) {
-                split.netlink.push((set.to_string(), keys.clone(), Vec::new()));
-            } else if netlink {
-                write_elements(&mut out, "delete", &t, set, keys);
-            }
-        }
-        for (set, elems) in &self.elements_added {
-            if by_netlink(set) {
-                split.netlink.push((set.to_string(), Vec::new(), elems.clone()));
-            }
+        // With netlink, interval-set deletions wait until the new elements are in.
+        for (set, keys) in deleted_by_script {
+            write_elements(&mut out, "delete", &t, &set, &keys);
         }
         // Referencing chains go before the chains they jump to: pick chains, then affinity
         // heads, then slot and per-endpoint chains.
-        let mut chains = self.chains_deleted.clone();
+        let mut chains = self.chains_deleted;
         chains.sort_by_key(|c| {
             let level = if c.starts_with("pick_") {
                 0
@@ -282,28 +296,30 @@ impl FamilyState {
 
     /// The value in force for a key: `None` when absent, `Some(None)` for a set member.
     fn effective(&self, set: SetRef, key: &str) -> Option<Option<String>> {
-        self.owners.get(&set).and_then(|m| m.get(key)).and_then(|o| o.first()).map(|(_, v)| v.clone())
+        self.owners.get(&set).and_then(|m| m.get(key)).map(|c| c.first.1.clone())
     }
 
     fn own(&mut self, port: &Arc<PortKey>, e: &Element) {
-        self.owners
-            .entry(e.set)
-            .or_default()
-            .entry(e.key.clone())
-            .or_default()
-            .push((port.clone(), e.value.clone()));
+        let claim = (port.clone(), e.value.clone());
+        match self.owners.entry(e.set).or_default().entry(e.key.clone()) {
+            Entry::Occupied(mut o) => o.get_mut().waiting.push(claim),
+            Entry::Vacant(v) => {
+                v.insert(Claims { first: claim, waiting: Vec::new() });
+            }
+        }
     }
 
     fn disown(&mut self, port: &PortKey, e: &Element) {
-        if let Some(m) = self.owners.get_mut(&e.set)
-            && let Some(list) = m.get_mut(&e.key)
-        {
-            if let Some(i) = list.iter().position(|(p, _)| **p == *port) {
-                list.remove(i);
-            }
-            if list.is_empty() {
+        let Some(m) = self.owners.get_mut(&e.set) else { return };
+        let Some(claims) = m.get_mut(&e.key) else { return };
+        if *claims.first.0 == *port {
+            if claims.waiting.is_empty() {
                 m.remove(&e.key);
+            } else {
+                claims.first = claims.waiting.remove(0);
             }
+        } else if let Some(i) = claims.waiting.iter().position(|(p, _)| **p == *port) {
+            claims.waiting.remove(i);
         }
     }
 
@@ -406,10 +422,8 @@ impl FamilyState {
             }
         }
         for (set, members) in &self.owners {
-            let mut elements: Vec<String> = members
-                .iter()
-                .filter_map(|(key, owners)| owners.first().map(|(_, value)| element_text(key, value)))
-                .collect();
+            let mut elements: Vec<String> =
+                members.iter().map(|(key, claims)| element_text(key, &claims.first.1)).collect();
             elements.sort_unstable();
             tx.elements_added.entry(*set).or_default().extend(elements);
         }
