@@ -1,12 +1,12 @@
 //! The fixture of the end-to-end suites: a sandboxed [`Cluster`], a manifest directory written
 //! from the cluster's real pod addresses, and `ferry run` inside the node namespace, for one
-//! data plane ([`Backend`]). The nftables suite uses it today; an eBPF suite passes
-//! `Backend::Ebpf` and replays the same tests.
+//! data plane ([`Backend`]: nftables, eBPF, IPVS). The end-to-end suite (`e2e.rs`) runs each of
+//! its tests once per backend.
 //!
 //! Everything is per test: its own sandbox (namespaces named after the test), its own manifest
 //! directory, its own ferry process. Dropping the [`Fixture`] (also while a test panics) stops
-//! ferry, removes the namespaces with everything in them and deletes the manifest directory.
-//! Nothing is added to the root namespace.
+//! ferry, removes the namespaces with everything in them and deletes the manifest directory
+//! (eBPF: also the test's bpffs and its cgroup). Nothing is added to the root namespace.
 //!
 //! The ferry binary is `$FERRY_BIN`, else `<target dir>/debug/ferry` (`cargo xtask test` builds
 //! it; by hand: `cargo build -p proxy`).
@@ -46,27 +46,10 @@ const NAMESPACE: &str = "e2e";
 /// module have bridges: the LAN is one).
 const SERVICE_ROUTE_DEV: &str = "svc0";
 
-/// The data plane under test: the one place a suite names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    Nftables,
-}
+pub mod backend;
 
-impl Backend {
-    /// The `--backend` value.
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Nftables => "nftables",
-        }
-    }
-
-    /// Flags this backend needs besides the node's.
-    fn flags(self) -> Vec<String> {
-        match self {
-            Backend::Nftables => Vec::new(),
-        }
-    }
-}
+pub use backend::Backend;
+use backend::{BackendEnv, ebpf_delete_frontend, ebpf_programmed};
 
 /// The ferry binary under test.
 pub fn ferry_bin() -> PathBuf {
@@ -92,6 +75,8 @@ pub struct Fixture {
     manifests: ManifestDir,
     extra_flags: Vec<String>,
     ferry: Option<Process>,
+    /// The backend's per-test resources outside the namespaces; dropped after ferry stopped.
+    env: BackendEnv,
     /// Dropped last: removes the namespaces and kills what runs in them.
     sb: Sandbox,
 }
@@ -124,7 +109,8 @@ impl Fixture {
         setup().unwrap_or_else(|e| panic!("service route in the node namespace: {e}"));
         let manifests = ManifestDir::create(&std::env::temp_dir().join(format!("{}manifests", sb.prefix())));
         manifests.write("node.yaml", &node_yaml(&node.name));
-        Self { cluster, backend, manifests, extra_flags: Vec::new(), ferry: None, sb }
+        let env = BackendEnv::create(backend, sb.prefix());
+        Self { cluster, backend, manifests, extra_flags: Vec::new(), ferry: None, env, sb }
     }
 
     /// Extra `ferry run` flags (e.g. `--masquerade-all`), for the next start.
@@ -157,7 +143,7 @@ impl Fixture {
             self.manifests.path.to_string_lossy().into_owned(),
         ];
         args.extend(self.cluster.node_flags());
-        args.extend(self.backend.flags());
+        args.extend(self.env.run_flags());
         args.extend(["--min-sync-period", "100ms", "--sync-period"].map(String::from));
         args.push(format!("{}s", SYNC_PERIOD.as_secs()));
         args.extend(self.extra_flags.iter().cloned());
@@ -311,6 +297,124 @@ impl Fixture {
         let mut all = vec![bin.to_string_lossy().into_owned()];
         all.extend(args.iter().map(|a| (*a).to_owned()));
         self.cluster.node.ns.command(&all)?.env("NO_COLOR", "1").output()
+    }
+
+    /// `ferry cleanup` for this backend, with the flags its kernel state needs.
+    pub fn ferry_cleanup(&self) -> ferry_sandbox::Result<String> {
+        let mut args = vec!["cleanup".to_owned(), "--backend".to_owned(), self.backend.name().to_owned()];
+        args.extend(self.env.cleanup_flags());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.ferry_command(&args)
+    }
+
+    /// The backend's per-test resources (eBPF: bpffs and cgroup).
+    pub fn env(&self) -> &BackendEnv {
+        &self.env
+    }
+
+    /// `n` requests from a process of the node itself (inside the backend's cgroup, where it
+    /// has one: eBPF translates node processes with socket programs on that cgroup), each
+    /// answered or an error.
+    pub fn node_requests(
+        &self,
+        proto: Proto,
+        target: SocketAddr,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<Result<Reply, String>> {
+        let cgroup = self.env.node_cgroup().map_or_else(|| "-".to_owned(), |p| p.display().to_string());
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sandbox-client"))
+            .arg(self.cluster.node.ns.path())
+            .args([&cgroup, &proto.to_string(), &target.to_string(), &n.to_string()])
+            .arg(timeout.as_millis().to_string())
+            .output()
+            .unwrap_or_else(|e| panic!("starting the node client: {e}"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "node client {proto} to {target}: {}\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let results: Vec<Result<Reply, String>> = stdout
+            .lines()
+            .map(|l| match l.strip_prefix("ok ") {
+                Some(reply) => Reply::parse(reply).ok_or_else(|| format!("bad reply {reply:?}")),
+                None => Err(l.to_owned()),
+            })
+            .collect();
+        assert_eq!(results.len(), n, "node client output: {stdout}");
+        results
+    }
+
+    /// `n` requests from a process of the node that must all be answered.
+    pub fn node_sample(&self, proto: Proto, target: SocketAddr, n: usize) -> Vec<Reply> {
+        self.node_requests(proto, target, n, TIMEOUT)
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.unwrap_or_else(|e| panic!("{proto} request {i} from the node to {target}: {e}")))
+            .collect()
+    }
+
+    /// What the backend has programmed in the kernel, as sorted lines (nftables: ferry's two
+    /// tables; eBPF: the maps, endpoint sets resolved; IPVS: the virtual servers).
+    pub fn programmed(&self) -> Vec<String> {
+        match self.backend {
+            Backend::Nftables => {
+                let mut out = Vec::new();
+                for family in ["ip", "ip6"] {
+                    let listing = self
+                        .nft(&["list", "table", family, "ferry"])
+                        .unwrap_or_else(|e| panic!("listing ferry's {family} table: {e}"));
+                    out.extend(
+                        listing
+                            .split(['\n', ','])
+                            .map(|s| format!("{family}: {}", s.trim()))
+                            .filter(|s| !s.ends_with(": ")),
+                    );
+                }
+                out.sort();
+                out
+            }
+            Backend::Ebpf => ebpf_programmed(self.env.bpffs().expect("eBPF has a bpffs")),
+            Backend::Ipvs => {
+                let listing = self
+                    .cluster
+                    .node
+                    .ns
+                    .exec(&["ipvsadm", "-S", "-n"])
+                    .unwrap_or_else(|e| panic!("listing the IPVS virtual servers: {e}"));
+                let mut out: Vec<String> = listing.lines().map(str::to_owned).collect();
+                out.sort();
+                out
+            }
+        }
+    }
+
+    /// Deletes the backend's kernel entry for the frontend `ip:port/proto` behind ferry's back,
+    /// with the tool an operator would use.
+    pub fn delete_programmed_frontend(&self, ip: IpAddr, port: u16, proto: Proto) {
+        match self.backend {
+            Backend::Nftables => {
+                let (family, proto_name) = (if ip.is_ipv4() { "ip" } else { "ip6" }, proto.to_string());
+                let element = format!("{{ {ip} . {proto_name} . {port} }}");
+                self.nft(&["delete", "element", family, "ferry", "frontends", &element]).unwrap_or_else(
+                    |e| panic!("deleting {element} from ferry's {family} frontends map: {e}"),
+                );
+            }
+            Backend::Ebpf => {
+                ebpf_delete_frontend(self.env.bpffs().expect("eBPF has a bpffs"), ip, port, proto)
+            }
+            Backend::Ipvs => {
+                let flag = if proto == Proto::Tcp { "-t" } else { "-u" };
+                let service = SocketAddr::new(ip, port).to_string();
+                self.cluster
+                    .node
+                    .ns
+                    .exec(&["ipvsadm", "-D", flag, &service])
+                    .unwrap_or_else(|e| panic!("deleting the IPVS virtual server {service}: {e}"));
+            }
+        }
     }
 }
 
@@ -661,6 +765,12 @@ pub fn try_request(
     target: SocketAddr,
     timeout: Duration,
 ) -> ferry_sandbox::Result<Reply> {
+    ns.request(proto, Some(fresh_source(target)), target, timeout)
+}
+
+/// A local address for a request to `target`: any address of its family, and a source port no
+/// earlier request of the test used.
+pub fn fresh_source(target: SocketAddr) -> SocketAddr {
     let port = NEXT_SOURCE_PORT
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
             Some(if p + 1 >= SOURCE_PORTS.end { SOURCE_PORTS.start } else { p + 1 })
@@ -668,7 +778,7 @@ pub fn try_request(
         .unwrap_or(SOURCE_PORTS.start);
     let any: IpAddr =
         if target.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
-    ns.request(proto, Some(SocketAddr::new(any, port)), target, timeout)
+    SocketAddr::new(any, port)
 }
 
 /// One request that must be answered.

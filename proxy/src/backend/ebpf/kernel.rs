@@ -460,7 +460,52 @@ fn lru<K: aya::Pod, V: aya::Pod>(
     HashMap::try_from(take(ebpf, name)?).map_err(|e| setup(name, e))
 }
 
+/// Opens one map pinned under `<bpffs>/ferry/maps`.
+fn pinned(bpffs: &Path, name: &'static str, kind: fn(MapData) -> Map) -> Result<Map, KernelError> {
+    let path = pin_root(bpffs).join("maps").join(name);
+    MapData::from_pin(&path).map(kind).map_err(|e| setup(format!("opening {}", path.display()), e))
+}
+
 impl KernelMaps {
+    /// The maps a running (or stopped) ferry pinned under `<bpffs>/ferry/maps`, without loading
+    /// any program: for inspecting and repairing the data path from outside (tests, tools).
+    pub fn open_pinned(bpffs: &Path, sizes: &MapSizes) -> Result<Self, KernelError> {
+        fn hash_of<K: aya::Pod, V: aya::Pod>(
+            bpffs: &Path,
+            name: &'static str,
+        ) -> Result<HashMap<MapData, K, V>, KernelError> {
+            HashMap::try_from(pinned(bpffs, name, Map::HashMap)?).map_err(|e| setup(name, e))
+        }
+        fn lru_of<K: aya::Pod, V: aya::Pod>(
+            bpffs: &Path,
+            name: &'static str,
+        ) -> Result<HashMap<MapData, K, V>, KernelError> {
+            HashMap::try_from(pinned(bpffs, name, Map::LruHashMap)?).map_err(|e| setup(name, e))
+        }
+        fn lpm_of<K: aya::Pod>(
+            bpffs: &Path,
+            name: &'static str,
+        ) -> Result<LpmTrie<MapData, K, u32>, KernelError> {
+            LpmTrie::try_from(pinned(bpffs, name, Map::LpmTrie)?).map_err(|e| setup(name, e))
+        }
+        Ok(Self {
+            services: KernelHash { name: m::SERVICES, map: hash_of(bpffs, m::SERVICES)? },
+            endpoints: KernelHash { name: m::ENDPOINTS, map: hash_of(bpffs, m::ENDPOINTS)? },
+            maglev: KernelMaglev(hash_of(bpffs, m::MAGLEV)?),
+            node_addrs: KernelHash { name: m::NODE_ADDRS, map: hash_of(bpffs, m::NODE_ADDRS)? },
+            pod_cidrs: KernelLpm { name: m::POD_CIDRS, map: lpm_of(bpffs, m::POD_CIDRS)? },
+            dst_policy: KernelLpm { name: m::DST_POLICY, map: lpm_of(bpffs, m::DST_POLICY)? },
+            source_ranges: KernelRanges(lpm_of(bpffs, m::SOURCE_RANGES)?),
+            conntrack: lru_of(bpffs, m::CONNTRACK)?,
+            revnat: lru_of(bpffs, m::REVNAT)?,
+            affinity: lru_of(bpffs, m::AFFINITY)?,
+            sock_revnat: lru_of(bpffs, m::SOCK_REVNAT)?,
+            stats: PerCpuArray::try_from(pinned(bpffs, m::STATS, Map::PerCpuArray)?)
+                .map_err(|e| setup(m::STATS, e))?,
+            sizes: sizes.clone(),
+        })
+    }
+
     fn take(ebpf: &mut Ebpf, sizes: &MapSizes) -> Result<Self, KernelError> {
         let maglev =
             KernelMaglev(HashMap::try_from(take(ebpf, m::MAGLEV)?).map_err(|e| setup(m::MAGLEV, e))?);

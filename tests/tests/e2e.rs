@@ -1,10 +1,17 @@
-//! End-to-end suite of the nftables data plane: `ferry run --backend nftables` programs a
-//! sandboxed node from a manifest directory, and real TCP and UDP traffic from pods, the node
-//! and an external client checks every Kubernetes semantic of DESIGN.md against the kernel:
-//! which endpoint served (`Reply::server`) and which source it saw (`Reply::peer`).
+//! The end-to-end suite, once per data plane: `ferry run --backend <nftables|ebpf|ipvs>`
+//! programs a sandboxed node from a manifest directory, and real TCP and UDP traffic from pods,
+//! the node and an external client checks every Kubernetes semantic of DESIGN.md against the
+//! kernel: which endpoint served (`Reply::server`) and which source it saw (`Reply::peer`).
 //!
-//! Runs as root (`cargo xtask test`, or `cargo build -p proxy && cargo test -p ferry-sandbox
-//! --test nftables_e2e`). Each test builds its own sandbox, so they run in parallel; see
+//! Each test is written once as `fn test(backend: Backend)`; [`suite!`] instantiates it in the
+//! modules `nftables`, `ebpf` and `ipvs` (`cargo test --test e2e -- ebpf::` runs one data plane).
+//! The IPVS tests are ignored here (this kernel has no IPVS); the VM harness runs them with
+//! `--include-ignored ipvs::`. Where a test looks at kernel state (drift repair, partial vs full
+//! sync, cleanup) it goes through the backend's own view (`Fixture::programmed`,
+//! `Fixture::delete_programmed_frontend`, [`assert_backend_state_gone`]).
+//!
+//! Runs as root (`cargo xtask test`, or `cargo build -p proxy --bin ferry && cargo test -p
+//! ferry-sandbox --test e2e`). Each test builds its own sandbox, so they run in parallel; see
 //! `common/mod.rs` for the fixture.
 
 mod common;
@@ -19,8 +26,6 @@ use common::{
     TIMEOUT, assert_dropped, assert_refused, assert_spread, pod_addr, pod_ip, request, sample, try_request,
 };
 use ferry_sandbox::{Netns, Proto, Reply};
-
-const BACKEND: Backend = Backend::Nftables;
 
 /// Requests per check of an endpoint spread: with three endpoints, the chance that a uniform
 /// choice misses one in 60 draws is below 1e-10.
@@ -69,9 +74,10 @@ fn assert_not_served(ns: &Netns, proto: Proto, target: SocketAddr, what: &str) {
     }
 }
 
-#[test]
-fn cluster_ip_from_a_pod_reaches_every_endpoint_over_tcp_and_udp_on_both_families_keeping_the_source() {
-    let mut fx = Fixture::new("cluster_ip_from_pod", BACKEND);
+fn cluster_ip_from_a_pod_reaches_every_endpoint_over_tcp_and_udp_on_both_families_keeping_the_source(
+    backend: Backend,
+) {
+    let mut fx = Fixture::new("cluster_ip_from_pod", backend);
     let web = Svc::new("web", 10).ready(&fx.serving_pods());
     fx.start(&[&web]);
     let client = &fx.cluster.client;
@@ -87,9 +93,8 @@ fn cluster_ip_from_a_pod_reaches_every_endpoint_over_tcp_and_udp_on_both_familie
     }
 }
 
-#[test]
-fn an_undefined_port_on_a_cluster_ip_is_rejected() {
-    let mut fx = Fixture::new("undefined_port", BACKEND);
+fn an_undefined_port_on_a_cluster_ip_is_rejected(backend: Backend) {
+    let mut fx = Fixture::new("undefined_port", backend);
     let web = Svc::new("web", 10).ready(&fx.serving_pods());
     fx.start(&[&web]);
     let client = &fx.cluster.client.ns;
@@ -102,9 +107,8 @@ fn an_undefined_port_on_a_cluster_ip_is_rejected() {
     }
 }
 
-#[test]
-fn a_service_without_endpoints_is_rejected_on_its_cluster_ip_and_node_ports() {
-    let mut fx = Fixture::new("no_endpoints", BACKEND);
+fn a_service_without_endpoints_is_rejected_on_its_cluster_ip_and_node_ports(backend: Backend) {
+    let mut fx = Fixture::new("no_endpoints", backend);
     let empty = Svc::new("empty", 11).node_port(30011, 30012);
     fx.start(&[&empty]);
     for family in Family::ALL {
@@ -119,9 +123,8 @@ fn a_service_without_endpoints_is_rejected_on_its_cluster_ip_and_node_ports() {
     }
 }
 
-#[test]
-fn an_unallocated_address_in_the_service_cidr_is_dropped() {
-    let mut fx = Fixture::new("unallocated", BACKEND);
+fn an_unallocated_address_in_the_service_cidr_is_dropped(backend: Backend) {
+    let mut fx = Fixture::new("unallocated", backend);
     let web = Svc::new("web", 10).ready(&fx.serving_pods());
     fx.start(&[&web]);
     // Without ferry's DROP these would meet a `prohibit` route and be refused at once with an
@@ -143,9 +146,8 @@ fn an_unallocated_address_in_the_service_cidr_is_dropped() {
     }
 }
 
-#[test]
-fn a_node_port_under_cluster_policy_reaches_every_endpoint_from_outside_masqueraded() {
-    let mut fx = Fixture::new("node_port_cluster", BACKEND);
+fn a_node_port_under_cluster_policy_reaches_every_endpoint_from_outside_masqueraded(backend: Backend) {
+    let mut fx = Fixture::new("node_port_cluster", backend);
     let np = Svc::new("np", 20).node_port(30020, 30021).ready(&fx.serving_pods());
     fx.start(&[&np]);
     for family in Family::ALL {
@@ -160,9 +162,8 @@ fn a_node_port_under_cluster_policy_reaches_every_endpoint_from_outside_masquera
     }
 }
 
-#[test]
-fn a_node_port_under_local_policy_reaches_only_local_endpoints_keeping_the_client_address() {
-    let mut fx = Fixture::new("node_port_local", BACKEND);
+fn a_node_port_under_local_policy_reaches_only_local_endpoints_keeping_the_client_address(backend: Backend) {
+    let mut fx = Fixture::new("node_port_local", backend);
     let mut np = Svc::new("np", 21).node_port(30022, 30023).ready(&fx.serving_pods());
     np.external_policy_local = true;
     fx.start(&[&np]);
@@ -181,9 +182,8 @@ fn a_node_port_under_local_policy_reaches_only_local_endpoints_keeping_the_clien
     }
 }
 
-#[test]
-fn a_node_port_under_local_policy_without_a_local_endpoint_drops_outside_traffic() {
-    let mut fx = Fixture::new("node_port_local_none", BACKEND);
+fn a_node_port_under_local_policy_without_a_local_endpoint_drops_outside_traffic(backend: Backend) {
+    let mut fx = Fixture::new("node_port_local_none", backend);
     let rpod0 = fx.cluster.remote_pods[0].clone();
     let mut np = Svc::new("np", 22).node_port(30024, 30025).ready(&[&rpod0]);
     np.external_policy_local = true;
@@ -199,9 +199,8 @@ fn a_node_port_under_local_policy_without_a_local_endpoint_drops_outside_traffic
     }
 }
 
-#[test]
-fn a_node_port_under_local_policy_from_a_pod_short_circuits_to_cluster_endpoints() {
-    let mut fx = Fixture::new("node_port_local_pod", BACKEND);
+fn a_node_port_under_local_policy_from_a_pod_short_circuits_to_cluster_endpoints(backend: Backend) {
+    let mut fx = Fixture::new("node_port_local_pod", backend);
     let mut np = Svc::new("np", 23).node_port(30026, 30027).ready(&fx.serving_pods());
     np.external_policy_local = true;
     fx.start(&[&np]);
@@ -218,9 +217,10 @@ fn a_node_port_under_local_policy_from_a_pod_short_circuits_to_cluster_endpoints
     }
 }
 
-#[test]
-fn load_balancer_ips_and_external_ips_reach_endpoints_masqueraded_and_proxy_mode_ingress_gets_no_rule() {
-    let mut fx = Fixture::new("load_balancer", BACKEND);
+fn load_balancer_ips_and_external_ips_reach_endpoints_masqueraded_and_proxy_mode_ingress_gets_no_rule(
+    backend: Backend,
+) {
+    let mut fx = Fixture::new("load_balancer", backend);
     let ingress: Vec<(IpAddr, &str)> =
         Family::ALL.into_iter().flat_map(|f| [(lb_ip(10, f), "VIP"), (lb_ip(11, f), "Proxy")]).collect();
     let mut lb = Svc::new("lb", 30).node_port(30030, 30031).load_balancer(&ingress).ready(&fx.serving_pods());
@@ -246,9 +246,10 @@ fn load_balancer_ips_and_external_ips_reach_endpoints_masqueraded_and_proxy_mode
     }
 }
 
-#[test]
-fn load_balancer_source_ranges_admit_sources_inside_and_drop_others_while_the_node_port_stays_open() {
-    let mut fx = Fixture::new("source_ranges", BACKEND);
+fn load_balancer_source_ranges_admit_sources_inside_and_drop_others_while_the_node_port_stays_open(
+    backend: Backend,
+) {
+    let mut fx = Fixture::new("source_ranges", backend);
     let ext = fx.cluster.ext.clone();
     let ingress = |n| Family::ALL.map(|f| (lb_ip(n, f), "VIP"));
     let mut open =
@@ -282,9 +283,8 @@ fn load_balancer_source_ranges_admit_sources_inside_and_drop_others_while_the_no
     }
 }
 
-#[test]
-fn internal_traffic_policy_local_uses_only_local_endpoints_and_drops_without_one() {
-    let mut fx = Fixture::new("internal_local", BACKEND);
+fn internal_traffic_policy_local_uses_only_local_endpoints_and_drops_without_one(backend: Backend) {
+    let mut fx = Fixture::new("internal_local", backend);
     let mut itp = Svc::new("itp", 40).ready(&fx.serving_pods());
     itp.internal_policy_local = true;
     let remote: Vec<_> = fx.cluster.remote_pods.iter().collect();
@@ -307,9 +307,8 @@ fn internal_traffic_policy_local_uses_only_local_endpoints_and_drops_without_one
     }
 }
 
-#[test]
-fn session_affinity_client_ip_sends_every_request_of_a_client_to_one_endpoint() {
-    let mut fx = Fixture::new("affinity", BACKEND);
+fn session_affinity_client_ip_sends_every_request_of_a_client_to_one_endpoint(backend: Backend) {
+    let mut fx = Fixture::new("affinity", backend);
     let mut sticky = Svc::new("sticky", 50).ready(&fx.serving_pods());
     sticky.affinity_timeout = Some(300);
     fx.start(&[&sticky]);
@@ -343,9 +342,8 @@ fn session_affinity_client_ip_sends_every_request_of_a_client_to_one_endpoint() 
     sticks_to_one(&rest);
 }
 
-#[test]
-fn terminating_endpoints_serve_only_while_no_endpoint_is_ready() {
-    let mut fx = Fixture::new("terminating", BACKEND);
+fn terminating_endpoints_serve_only_while_no_endpoint_is_ready(backend: Backend) {
+    let mut fx = Fixture::new("terminating", backend);
     let (pod0, pod1, rpod0) = (&fx.cluster.pods[0], &fx.cluster.pods[1], &fx.cluster.remote_pods[0]);
     let only_terminating =
         Svc::new("term", 60).endpoint(pod0, EpState::Terminating).endpoint(pod1, EpState::Terminating);
@@ -376,9 +374,8 @@ fn terminating_endpoints_serve_only_while_no_endpoint_is_ready() {
     }
 }
 
-#[test]
-fn a_pod_reaching_itself_through_its_service_sees_a_masqueraded_source() {
-    let mut fx = Fixture::new("hairpin", BACKEND);
+fn a_pod_reaching_itself_through_its_service_sees_a_masqueraded_source(backend: Backend) {
+    let mut fx = Fixture::new("hairpin", backend);
     let web = Svc::new("web", 70).ready(&fx.serving_pods());
     fx.start(&[&web]);
     let pod0 = &fx.cluster.pods[0];
@@ -397,9 +394,8 @@ fn a_pod_reaching_itself_through_its_service_sees_a_masqueraded_source() {
     }
 }
 
-#[test]
-fn the_node_itself_reaches_a_cluster_ip_and_a_local_policy_node_port_masqueraded() {
-    let mut fx = Fixture::new("from_node", BACKEND);
+fn the_node_itself_reaches_a_cluster_ip_and_a_local_policy_node_port_masqueraded(backend: Backend) {
+    let mut fx = Fixture::new("from_node", backend);
     let web = Svc::new("web", 10).ready(&fx.serving_pods());
     let mut np = Svc::new("np", 24).node_port(30028, 30029).ready(&fx.serving_pods());
     np.external_policy_local = true;
@@ -415,7 +411,7 @@ fn the_node_itself_reaches_a_cluster_ip_and_a_local_policy_node_port_masqueraded
         ];
         for (proto, target) in frontends {
             let what = format!("{proto} from the node to {target}");
-            let replies = sample(&fx.cluster.node.ns, proto, target, SPREAD);
+            let replies = fx.node_sample(proto, target, SPREAD);
             assert_spread(&replies, &endpoints, &what);
             // Unmasqueraded, local pods would see the node's LAN address (the route's source).
             assert_peers(&replies, &what, |server| fx.masquerade_source(server));
@@ -423,9 +419,8 @@ fn the_node_itself_reaches_a_cluster_ip_and_a_local_policy_node_port_masqueraded
     }
 }
 
-#[test]
-fn masquerade_all_masquerades_cluster_ip_traffic_from_pods() {
-    let mut fx = Fixture::new("masquerade_all", BACKEND).with_flags(&["--masquerade-all"]);
+fn masquerade_all_masquerades_cluster_ip_traffic_from_pods(backend: Backend) {
+    let mut fx = Fixture::new("masquerade_all", backend).with_flags(&["--masquerade-all"]);
     let web = Svc::new("web", 10).ready(&fx.serving_pods());
     fx.start(&[&web]);
     for family in Family::ALL {
@@ -456,9 +451,8 @@ struct Probe {
     result: Result<Reply, String>,
 }
 
-#[test]
-fn endpoint_changes_while_traffic_flows_lose_no_request() {
-    let mut fx = Fixture::new("live_update", BACKEND);
+fn endpoint_changes_while_traffic_flows_lose_no_request(backend: Backend) {
+    let mut fx = Fixture::new("live_update", backend);
     let all = Svc::new("live", 80).ready(&fx.serving_pods());
     let one = Svc::new("live", 80).ready(&[&fx.cluster.pods[0]]);
     fx.start(&[&all]);
@@ -558,9 +552,8 @@ fn endpoint_changes_while_traffic_flows_lose_no_request() {
     );
 }
 
-#[test]
-fn a_removed_service_loses_its_rules_and_its_cluster_ip_is_then_dropped() {
-    let mut fx = Fixture::new("removed_service", BACKEND);
+fn a_removed_service_loses_its_rules_and_its_cluster_ip_is_then_dropped(backend: Backend) {
+    let mut fx = Fixture::new("removed_service", backend);
     let web = Svc::new("web", 10).ready(&fx.serving_pods());
     let mut gone = Svc::new("gone", 12).node_port(30040, 30041).ready(&fx.serving_pods());
     gone.affinity_timeout = Some(60);
@@ -580,7 +573,7 @@ fn a_removed_service_loses_its_rules_and_its_cluster_ip_is_then_dropped() {
     // Removed right after a full sync, so that a partial sync removes it.
     fx.wait_for_sync(fx.mark(), SyncKind::Full, SYNC_PERIOD * 3);
     fx.delete(&gone);
-    let after_partial = table_contents(&fx);
+    let after_partial = fx.programmed();
     for family in Family::ALL {
         for (proto, port) in PORTS {
             assert_dropped(
@@ -599,31 +592,15 @@ fn a_removed_service_loses_its_rules_and_its_cluster_ip_is_then_dropped() {
     // The full sync that follows changes nothing: the partial one left nothing over and
     // missed nothing.
     fx.wait_for_sync(fx.mark(), SyncKind::Full, SYNC_PERIOD * 3);
-    assert_eq!(table_contents(&fx), after_partial, "ferry's tables after the partial sync vs a full one");
+    assert_eq!(
+        fx.programmed(),
+        after_partial,
+        "the backend's kernel state after the partial sync vs a full one"
+    );
 }
 
-/// Ferry's two tables as sorted statements and elements: what they hold, not the order the
-/// kernel lists it in.
-fn table_contents(fx: &Fixture) -> Vec<String> {
-    let mut out = Vec::new();
-    for family in ["ip", "ip6"] {
-        let listing = fx
-            .nft(&["list", "table", family, "ferry"])
-            .unwrap_or_else(|e| panic!("listing ferry's {family} table: {e}"));
-        out.extend(
-            listing
-                .split(['\n', ','])
-                .map(|s| format!("{family}: {}", s.trim()))
-                .filter(|s| !s.ends_with(": ")),
-        );
-    }
-    out.sort();
-    out
-}
-
-#[test]
-fn a_full_sync_repairs_an_element_deleted_by_hand() {
-    let mut fx = Fixture::new("drift_repair", BACKEND);
+fn a_full_sync_repairs_an_element_deleted_by_hand(backend: Backend) {
+    let mut fx = Fixture::new("drift_repair", backend);
     let web = Svc::new("web", 90).ready(&fx.serving_pods());
     fx.start(&[&web]);
     let client = &fx.cluster.client.ns;
@@ -633,10 +610,8 @@ fn a_full_sync_repairs_an_element_deleted_by_hand() {
         // Right after a full sync the next one is a whole period away.
         fx.wait_for_sync(fx.mark(), SyncKind::Full, SYNC_PERIOD * 3);
         let mark = fx.mark();
-        for (ip, family) in [("ip", Family::V4), ("ip6", Family::V6)] {
-            let element = format!("{{ {} . tcp . 80 }}", fx.cluster_ip(90, family));
-            fx.nft(&["delete", "element", ip, "ferry", "frontends", &element])
-                .unwrap_or_else(|e| panic!("deleting {element} from ferry's {ip} frontends map: {e}"));
+        for family in Family::ALL {
+            fx.delete_programmed_frontend(fx.cluster_ip(90, family), 80, Proto::Tcp);
         }
         let broken = Family::ALL.into_iter().all(|family| {
             try_request(client, Proto::Tcp, fx.cluster_addr(90, family, 80), DROP_TIMEOUT).is_err()
@@ -647,7 +622,7 @@ fn a_full_sync_repairs_an_element_deleted_by_hand() {
         // A full sync may have slipped in between; anything else means the deletion had no effect.
         assert!(
             fx.log().get(mark..).is_some_and(|l| l.contains("full=true")) && attempts < 3,
-            "traffic still flows after deleting the frontends elements"
+            "traffic still flows after deleting the frontends' kernel entries"
         );
     };
     // The other port was not touched.
@@ -659,9 +634,8 @@ fn a_full_sync_repairs_an_element_deleted_by_hand() {
     }
 }
 
-#[test]
-fn a_restart_keeps_established_connections_and_the_rules() {
-    let mut fx = Fixture::new("restart", BACKEND);
+fn a_restart_keeps_established_connections_and_the_rules(backend: Backend) {
+    let mut fx = Fixture::new("restart", backend);
     let pod0 = fx.cluster.pods[0].clone();
     let mut echo = Svc::new("echo", 95).ready(&[&pod0]);
     echo.ports = vec![SvcPort { name: "echo", proto: Proto::Tcp, port: 90, node_port: None }];
@@ -679,11 +653,9 @@ fn a_restart_keeps_established_connections_and_the_rules() {
         c.echo("before the restart");
     }
 
+    let programmed = fx.programmed();
     fx.stop_ferry();
-    for family in ["ip", "ip6"] {
-        fx.nft(&["list", "table", family, "ferry"])
-            .unwrap_or_else(|e| panic!("ferry's {family} table should stay after SIGTERM: {e}"));
-    }
+    assert_eq!(fx.programmed(), programmed, "the kernel state stays as it was after SIGTERM");
     for c in &mut conns {
         c.echo("while ferry is stopped");
     }
@@ -708,26 +680,18 @@ fn a_restart_keeps_established_connections_and_the_rules() {
     }
 }
 
-#[test]
-fn cleanup_removes_both_tables() {
-    let mut fx = Fixture::new("cleanup", BACKEND);
+fn cleanup_removes_the_backends_kernel_state(backend: Backend) {
+    let mut fx = Fixture::new("cleanup", backend);
     let web = Svc::new("web", 10).ready(&fx.serving_pods());
     fx.start(&[&web]);
     request(&fx.cluster.client.ns, Proto::Tcp, fx.cluster_addr(10, Family::V4, 80));
+    assert!(!fx.programmed().is_empty(), "nothing programmed before the cleanup");
     fx.stop_ferry();
     for _ in 0..2 {
         // Twice: cleaning a clean node succeeds.
-        fx.ferry_command(&["cleanup", "--backend", BACKEND.name()])
-            .unwrap_or_else(|e| panic!("ferry cleanup: {e}"));
-        for family in ["ip", "ip6"] {
-            assert!(
-                fx.nft(&["list", "table", family, "ferry"]).is_err(),
-                "the {family} ferry table is still there"
-            );
-        }
+        fx.ferry_cleanup().unwrap_or_else(|e| panic!("ferry cleanup: {e}"));
+        assert_backend_state_gone(&fx);
     }
-    let tables = fx.nft(&["list", "tables"]).expect("nft list tables");
-    assert!(!tables.contains("ferry"), "tables left: {tables}");
     for family in Family::ALL {
         assert_not_served(
             &fx.cluster.client.ns,
@@ -738,9 +702,32 @@ fn cleanup_removes_both_tables() {
     }
 }
 
-#[test]
-fn a_malformed_manifest_costs_no_other_service_its_rules() {
-    let mut fx = Fixture::new("malformed", BACKEND);
+/// Nothing of the backend is left in the node's kernel: no nftables table of ferry's (both
+/// backends that have one), no pinned map or link and no TC program (eBPF), no virtual server
+/// (IPVS).
+fn assert_backend_state_gone(fx: &Fixture) {
+    let tables = fx.nft(&["list", "tables"]).expect("nft list tables");
+    assert!(!tables.contains("ferry"), "nftables tables left: {tables}");
+    match fx.backend {
+        Backend::Nftables => {}
+        Backend::Ebpf => {
+            let bpffs = fx.env().bpffs().expect("eBPF has a bpffs");
+            let pins = bpffs.join("ferry");
+            assert!(!pins.exists(), "pins left under {}", pins.display());
+            for iface in ["eth0", "client", "pod0", "pod1"] {
+                let left = common::backend::tcx_programs(&fx.cluster.node.ns, iface);
+                assert!(left.is_empty(), "TC programs left on {iface}: {left:?}");
+            }
+        }
+        Backend::Ipvs => {
+            let left = fx.programmed();
+            assert!(left.is_empty(), "IPVS virtual servers left: {left:?}");
+        }
+    }
+}
+
+fn a_malformed_manifest_costs_no_other_service_its_rules(backend: Backend) {
+    let mut fx = Fixture::new("malformed", backend);
     let web = Svc::new("web", 10).ready(&fx.serving_pods());
     fx.start(&[&web]);
     let later = Svc::new("later", 16).ready(&fx.serving_pods());
@@ -770,4 +757,80 @@ fn a_malformed_manifest_costs_no_other_service_its_rules() {
     fx.wait_for_log(mark, "keeping the file's last good content");
     fx.wait_for_sync(mark, SyncKind::Full, SYNC_PERIOD * 3);
     check(10, "the service whose file was broken");
+}
+
+/// A connection straight to a pod from the source port that a ClusterIP connection to the same
+/// pod has just used is a flow of its own: nothing the service connection left behind (in
+/// netfilter's conntrack, or eBPF's connection maps) may translate or drop its packets.
+fn a_direct_connection_to_a_pod_from_the_source_port_of_a_finished_service_connection_is_served(
+    backend: Backend,
+) {
+    let mut fx = Fixture::new("direct_reuse", backend);
+    let web = Svc::new("web", 10).ready(&fx.serving_pods());
+    fx.start(&[&web]);
+    let client = &fx.cluster.client;
+    for family in Family::ALL {
+        for (proto, port) in PORTS {
+            let frontend = fx.cluster_addr(10, family, port);
+            for _ in 0..10 {
+                let source = common::fresh_source(frontend);
+                let via_service = client
+                    .ns
+                    .request(proto, Some(source), frontend, TIMEOUT)
+                    .unwrap_or_else(|e| panic!("{proto} from {source} to {frontend}: {e}"));
+                let pod = via_service.server;
+                let direct = client.ns.request(proto, Some(source), pod, TIMEOUT).unwrap_or_else(|e| {
+                    panic!("{proto} from {source} straight to {pod}, just after {frontend} → {pod}: {e}")
+                });
+                assert_eq!(direct.server, pod, "{proto} straight to {pod} from {source}");
+                assert_eq!(direct.peer.ip(), pod_ip(client, family), "{proto} straight to {pod}");
+            }
+        }
+    }
+}
+
+/// Instantiates every test once per data plane: `nftables::<test>`, `ebpf::<test>` and
+/// `ipvs::<test>` (ignored: the VM harness runs them).
+macro_rules! suite {
+    ($($test:ident),* $(,)?) => {
+        mod nftables {
+            $( #[test] fn $test() { super::$test(super::Backend::Nftables) } )*
+        }
+        mod ebpf {
+            $( #[test] fn $test() { super::$test(super::Backend::Ebpf) } )*
+        }
+        mod ipvs {
+            $(
+                #[test]
+                #[ignore = "needs a kernel with IPVS: cargo xtask vm-test"]
+                fn $test() { super::$test(super::Backend::Ipvs) }
+            )*
+        }
+    };
+}
+
+suite! {
+    cluster_ip_from_a_pod_reaches_every_endpoint_over_tcp_and_udp_on_both_families_keeping_the_source,
+    an_undefined_port_on_a_cluster_ip_is_rejected,
+    a_service_without_endpoints_is_rejected_on_its_cluster_ip_and_node_ports,
+    an_unallocated_address_in_the_service_cidr_is_dropped,
+    a_node_port_under_cluster_policy_reaches_every_endpoint_from_outside_masqueraded,
+    a_node_port_under_local_policy_reaches_only_local_endpoints_keeping_the_client_address,
+    a_node_port_under_local_policy_without_a_local_endpoint_drops_outside_traffic,
+    a_node_port_under_local_policy_from_a_pod_short_circuits_to_cluster_endpoints,
+    load_balancer_ips_and_external_ips_reach_endpoints_masqueraded_and_proxy_mode_ingress_gets_no_rule,
+    load_balancer_source_ranges_admit_sources_inside_and_drop_others_while_the_node_port_stays_open,
+    internal_traffic_policy_local_uses_only_local_endpoints_and_drops_without_one,
+    session_affinity_client_ip_sends_every_request_of_a_client_to_one_endpoint,
+    terminating_endpoints_serve_only_while_no_endpoint_is_ready,
+    a_pod_reaching_itself_through_its_service_sees_a_masqueraded_source,
+    the_node_itself_reaches_a_cluster_ip_and_a_local_policy_node_port_masqueraded,
+    masquerade_all_masquerades_cluster_ip_traffic_from_pods,
+    endpoint_changes_while_traffic_flows_lose_no_request,
+    a_removed_service_loses_its_rules_and_its_cluster_ip_is_then_dropped,
+    a_full_sync_repairs_an_element_deleted_by_hand,
+    a_restart_keeps_established_connections_and_the_rules,
+    cleanup_removes_the_backends_kernel_state,
+    a_malformed_manifest_costs_no_other_service_its_rules,
+    a_direct_connection_to_a_pod_from_the_source_port_of_a_finished_service_connection_is_served,
 }
