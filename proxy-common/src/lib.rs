@@ -304,7 +304,11 @@ pub struct CtValue {
     /// the endpoint while the frontend still uses this set.
     pub set: u32,
     pub index: u32,
-    pub _pad2: u32,
+    /// The interface the connection's first packet came in on (`skb->ingress_ifindex`, host
+    /// order). A packet to the endpoint itself from that interface, with the connection's
+    /// addresses and ports after DNAT, opens a direct flow that ends this connection; seen on
+    /// another interface it is this connection's own translated packet (a bridge of pod veths).
+    pub ifindex: u32,
 }
 
 /// Value of [`maps::REVNAT`]: the frontend a reply's source is translated back to.
@@ -405,11 +409,14 @@ pub enum Stat {
     MapUpdateFailed = 10,
     /// A connect/sendmsg of a node process translated by the cgroup programs.
     SocketTranslated = 11,
+    /// A translated connection ended because its client opened a direct flow with the same
+    /// addresses and ports after DNAT (its entries were deleted).
+    Superseded = 12,
 }
 
 impl Stat {
     /// Number of counters, the `max_entries` of [`maps::STATS`].
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
     /// Every counter, in index order.
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::ServiceHit,
@@ -424,6 +431,7 @@ impl Stat {
         Self::EndpointMissing,
         Self::MapUpdateFailed,
         Self::SocketTranslated,
+        Self::Superseded,
     ];
 
     /// The index in [`maps::STATS`].
@@ -446,6 +454,7 @@ impl Stat {
             Self::EndpointMissing => "endpoint_missing",
             Self::MapUpdateFailed => "map_update_failed",
             Self::SocketTranslated => "socket_translated",
+            Self::Superseded => "superseded",
         }
     }
 }

@@ -201,6 +201,9 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ParseError> {
         _ => return Err(ParseError),
     }
     if !lookup_frontend(&s.pkt.daddr, s.pkt.dport, s.pkt.protocol, &mut s.key, &mut s.fe) {
+        if s.pkt.protocol != protocol::TCP || s.pkt.is_tcp_syn() {
+            end_superseded_connection(ctx, s);
+        }
         return Ok(no_frontend(ctx, s));
     }
     fill_flow(&mut s.flow, &s.pkt);
@@ -209,8 +212,16 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ParseError> {
     if let Some(entry) = CONNTRACK.get_ptr(&s.flow) {
         // SAFETY: copied out at once; the program writes entries whole.
         s.ct = unsafe { *entry };
-        let keep = !s.pkt.is_tcp_syn() || s.ct.set == s.fe.set || s.ct.set == s.fe.sc_set;
+        let syn = s.pkt.is_tcp_syn();
+        let keep = !syn || s.ct.set == s.fe.set || s.ct.set == s.fe.sc_set;
         if keep {
+            if syn {
+                // A (re)opening keeps its reply entry too, whatever evicted or ended it.
+                fill_reply(s);
+                if REVNAT.insert(&s.reply, &s.original, 0).is_err() {
+                    count(Stat::MapUpdateFailed);
+                }
+            }
             set_dst_rewrite(&mut s.rw, &s.pkt, &s.ct.addr, s.ct.port);
             rewrite(ctx, &s.pkt, &s.rw)?;
             if s.ct.flags & ct::MASQUERADE != 0 {
@@ -225,6 +236,61 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ParseError> {
         return Ok(TC_ACT_OK as i32);
     }
     Ok(new_connection(ctx, s))
+}
+
+/// A packet that may open a flow (TCP SYN, any UDP/SCTP packet) to no frontend. If a translated
+/// connection had exactly its addresses and ports after DNAT (client → endpoint) and came in on
+/// the same interface, that connection is over: the client now talks to the endpoint directly
+/// (netfilter's conntrack sees both as one tuple too). Its entries go, or the reply entry would
+/// rewrite this flow's replies to the frontend. Seen on another interface, the packet is the
+/// connection's own, already translated (a bridge of pod veths runs the program again).
+#[inline(never)]
+fn end_superseded_connection(ctx: &TcContext, s: &mut Scratch) {
+    s.reply.saddr = s.pkt.daddr;
+    s.reply.daddr = s.pkt.saddr;
+    s.reply.sport = s.pkt.dport;
+    s.reply.dport = s.pkt.sport;
+    s.reply.protocol = s.pkt.protocol;
+    s.reply._pad = [0; 3];
+    let Some(original) = REVNAT.get_ptr(&s.reply) else { return };
+    // SAFETY: copied out at once.
+    s.original = unsafe { *original };
+    s.flow.saddr = s.pkt.saddr;
+    s.flow.daddr = s.original.addr;
+    s.flow.sport = s.pkt.sport;
+    s.flow.dport = s.original.port;
+    s.flow.protocol = s.pkt.protocol;
+    s.flow._pad = [0; 3];
+    // SAFETY: reading a field of the context the kernel passed.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if let Some(entry) = CONNTRACK.get_ptr(&s.flow) {
+        // SAFETY: copied out at once.
+        let entry = unsafe { *entry };
+        if entry.ifindex != ifindex {
+            return;
+        }
+        // Only the connection this reply entry was made for: the client may have opened
+        // another one to the frontend from the same port since.
+        if addr_eq(&entry.addr, &s.pkt.daddr) && entry.port == s.pkt.dport {
+            let _ = CONNTRACK.remove(&s.flow);
+        }
+    }
+    let _ = REVNAT.remove(&s.reply);
+    count(Stat::Superseded);
+}
+
+/// The reply key of connection `s.flow` translated to `s.ct`, and its frontend in `s.original`.
+#[inline(always)]
+fn fill_reply(s: &mut Scratch) {
+    s.reply.saddr = s.ct.addr;
+    s.reply.daddr = s.flow.saddr;
+    s.reply.sport = s.ct.port;
+    s.reply.dport = s.flow.sport;
+    s.reply.protocol = s.flow.protocol;
+    s.reply._pad = [0; 3];
+    s.original.addr = s.flow.daddr;
+    s.original.port = s.flow.dport;
+    s.original._pad = 0;
 }
 
 #[inline(always)]
@@ -344,16 +410,9 @@ fn new_connection(ctx: &TcContext, s: &mut Scratch) -> i32 {
     s.ct._pad = 0;
     s.ct.set = s.chosen.set;
     s.ct.index = s.chosen.index;
-    s.ct._pad2 = 0;
-    s.reply.saddr = s.chosen.endpoint.addr;
-    s.reply.daddr = s.pkt.saddr;
-    s.reply.sport = s.chosen.endpoint.port;
-    s.reply.dport = s.pkt.sport;
-    s.reply.protocol = s.pkt.protocol;
-    s.reply._pad = [0; 3];
-    s.original.addr = s.pkt.daddr;
-    s.original.port = s.pkt.dport;
-    s.original._pad = 0;
+    // SAFETY: reading a field of the context the kernel passed.
+    s.ct.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    fill_reply(s);
     if CONNTRACK.insert(&s.flow, &s.ct, 0).is_err() || REVNAT.insert(&s.reply, &s.original, 0).is_err() {
         count(Stat::MapUpdateFailed);
     }

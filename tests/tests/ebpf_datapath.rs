@@ -299,3 +299,68 @@ fn udp_flows_to_an_endpoint_that_went_away_choose_again_after_the_sync() {
     assert_eq!(kernel.maps().purge_udp_connections(&gone), 1);
     assert_eq!(TestRun::ingress(&kernel, &datagram).parse().dst, b, "after the purge the flow chooses again");
 }
+
+/// The benchmarks' bug: a client connects to a ClusterIP from source port S (translated to
+/// endpoint E), then straight to E from the same S. The second flow has the same addresses and
+/// ports after DNAT as the first, so the first flow's reverse entry matched its replies and
+/// rewrote their source to the ClusterIP: the client never saw E answer. A packet opening a flow
+/// to no frontend (a TCP SYN, any UDP datagram) from the interface the service flow came in on
+/// ends that service flow's entries.
+#[test]
+fn a_direct_flow_reusing_a_finished_service_flows_addresses_and_ports_is_not_reverse_translated() {
+    let ep = sock("10.0.1.10:8080");
+    let ports = [
+        PortPlan::cluster_ip("web", "10.96.0.10", 80, &[ep]),
+        PortPlan::cluster_ip("dns", "10.96.0.10", 53, &[ep]).udp(),
+    ];
+    let (_fs, kernel) = load("direct_reuse", &ports);
+    let (client, vip, ep_ip) = (v4("10.0.1.2"), v4("10.96.0.10"), v4("10.0.1.10"));
+    let via_service = SocketAddr::new(vip.into(), 80);
+
+    // 1. Through the service: DNAT on the way in, reverse translation on the way out.
+    let p = TestRun::ingress(&kernel, &Frame::tcp4(client, 40000, vip, 80, Frame::SYN)).parse();
+    assert_eq!(p.dst, ep);
+    let synack = Frame::tcp4(ep_ip, 8080, client, 40000, Frame::SYN | Frame::ACK);
+    assert_eq!(TestRun::egress(&kernel, &synack).parse().src, via_service);
+
+    // 2. Straight to the endpoint from the same port: untouched both ways.
+    let p = TestRun::ingress(&kernel, &Frame::tcp4(client, 40000, ep_ip, 8080, Frame::SYN)).parse();
+    assert_eq!(p.dst, ep, "a SYN to a pod is not a service's");
+    let p = TestRun::egress(&kernel, &synack).parse();
+    assert_eq!(p.src, ep, "the pod's SYN-ACK to a direct SYN keeps its source");
+    let data = Frame::tcp4(ep_ip, 8080, client, 40000, Frame::ACK | Frame::PSH);
+    assert_eq!(TestRun::egress(&kernel, &data).parse().src, ep, "and so do its later packets");
+
+    // 3. The service again from the same port: a new translated connection, replies translated.
+    let p = TestRun::ingress(&kernel, &Frame::tcp4(client, 40000, vip, 80, Frame::SYN)).parse();
+    assert_eq!(p.dst, ep);
+    assert_eq!(TestRun::egress(&kernel, &synack).parse().src, via_service, "service replies again");
+
+    // The same for UDP, where every datagram may open a flow.
+    let q = |dst: Ipv4Addr, port| Frame::udp4(client, 3333, dst, port, b"q");
+    let answer = Frame::udp4(ep_ip, 8080, client, 3333, b"a");
+    assert_eq!(TestRun::ingress(&kernel, &q(vip, 53)).parse().dst, ep);
+    assert_eq!(TestRun::egress(&kernel, &answer).parse().src, sock("10.96.0.10:53"));
+    assert_eq!(TestRun::ingress(&kernel, &q(ep_ip, 8080)).parse().dst, ep);
+    assert_eq!(TestRun::egress(&kernel, &answer).parse().src, ep, "a direct datagram's answer");
+    assert_eq!(TestRun::ingress(&kernel, &q(vip, 53)).parse().dst, ep);
+    assert_eq!(TestRun::egress(&kernel, &answer).parse().src, sock("10.96.0.10:53"));
+}
+
+/// The translated packet itself may meet the ingress program again on the same node (a bridge
+/// of pod veths carries the programs too): after DNAT it looks exactly like a direct packet, but
+/// it comes in on another interface, and must not end its own connection.
+#[test]
+fn a_translated_packet_seen_again_on_another_interface_keeps_its_connection() {
+    let ep = sock("10.0.1.10:8080");
+    let (_fs, kernel) = load("bridge_again", &[PortPlan::cluster_ip("web", "10.96.0.10", 80, &[ep])]);
+    let (client, vip, ep_ip) = (v4("10.0.1.2"), v4("10.96.0.10"), v4("10.0.1.10"));
+    let syn = Frame::tcp4(client, 40000, vip, 80, Frame::SYN);
+    let translated = TestRun::ingress_on(&kernel, &syn, 7);
+    assert_eq!(translated.parse().dst, ep);
+    // The bridge's ingress (another ifindex) sees the translated SYN.
+    let again = TestRun::ingress_on(&kernel, &Frame(translated.data.clone()), 8);
+    assert_eq!(again.parse().dst, ep);
+    let synack = Frame::tcp4(ep_ip, 8080, client, 40000, Frame::SYN | Frame::ACK);
+    assert_eq!(TestRun::egress(&kernel, &synack).parse().src, sock("10.96.0.10:80"));
+}

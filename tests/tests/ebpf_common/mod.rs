@@ -284,6 +284,8 @@ impl RunOut {
 
 /// `struct __sk_buff` is 192 bytes on current kernels; `mark` is at offset 8.
 const SKB_CTX_LEN: usize = 192;
+/// Offset of `ingress_ifindex` in `struct __sk_buff` (the kernel lets a test run set it).
+const SKB_INGRESS_IFINDEX: usize = 36;
 
 pub struct TestRun;
 
@@ -296,10 +298,20 @@ impl TestRun {
         Self::run(kernel, programs::TC_EGRESS, frame)
     }
 
+    /// The ingress program on a packet received by interface `ingress_ifindex`.
+    pub fn ingress_on(kernel: &Kernel, frame: &Frame, ingress_ifindex: u32) -> RunOut {
+        Self::run_with(kernel, programs::TC_INGRESS, frame, ingress_ifindex)
+    }
+
     pub fn run(kernel: &Kernel, program: &str, frame: &Frame) -> RunOut {
+        Self::run_with(kernel, program, frame, 0)
+    }
+
+    fn run_with(kernel: &Kernel, program: &str, frame: &Frame, ingress_ifindex: u32) -> RunOut {
         let prog = kernel.tc_program(program).expect("the TC program is loaded");
         let mut data_out = vec![0u8; frame.0.len() + 256];
-        let ctx_in = vec![0u8; SKB_CTX_LEN];
+        let mut ctx_in = vec![0u8; SKB_CTX_LEN];
+        ctx_in[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4].copy_from_slice(&ingress_ifindex.to_ne_bytes());
         let mut ctx_out = vec![0u8; SKB_CTX_LEN];
         let result = prog
             .test_run(TestRunOptions {
