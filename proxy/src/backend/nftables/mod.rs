@@ -146,15 +146,19 @@ impl NftBackend {
         for st in &mut self.families {
             let fam = st.fam();
             let mut tx = Transaction::default();
+            // (before, after) per port; the state compiles nothing ahead, so the old
+            // contribution is compiled again from the old plan.
             let ports = diff
                 .added
                 .iter()
-                .map(|p| (p, true))
-                .chain(diff.changed.iter().map(|(_, p)| (p, true)))
-                .chain(diff.removed.iter().map(|p| (p, false)));
-            for (p, present) in ports.filter(|(p, _)| p.family == fam.family) {
-                let c = present.then(|| compile::compile(p, fam));
-                st.set_port(&key_of(p), c, &mut tx);
+                .map(|p| (None, Some(p)))
+                .chain(diff.changed.iter().map(|(old, new)| (Some(old), Some(new))))
+                .chain(diff.removed.iter().map(|p| (Some(p), None)));
+            for (old, new) in ports {
+                let Some(p) = new.or(old).filter(|p| p.family == fam.family) else { continue };
+                let compiled =
+                    |p: Option<&std::sync::Arc<ServicePortPlan>>| p.map(|p| compile::compile(p, fam));
+                st.set_port(&key_of(p), compiled(old), compiled(new), &mut tx);
             }
             if diff.cluster_ips_changed {
                 for (set, members) in state::globals(plan, fam, config) {

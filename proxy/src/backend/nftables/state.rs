@@ -33,7 +33,13 @@ struct Claims {
 #[derive(Debug)]
 pub struct FamilyState {
     fam: Fam,
-    contributions: HashMap<PortKey, Contribution>,
+    /// Service ports in the state.
+    ports: usize,
+    /// Chains and dynamic sets of the ports that have any (session affinity). The rest of a
+    /// port's contribution lives only in `owners`: when the port changes, its old contribution
+    /// is compiled again from the plan diff rather than kept, which at 10,000 services saves
+    /// ferry a second copy of every element.
+    owned: HashMap<PortKey, (Vec<OwnedChain>, Vec<OwnedSet>)>,
     owners: Owners,
     pick_refs: HashMap<PickChain, usize>,
     /// Endpoint slots created per key space (slot maps and chains `0..n`).
@@ -183,7 +189,8 @@ impl FamilyState {
     pub fn new(fam: Fam) -> Self {
         Self {
             fam,
-            contributions: HashMap::new(),
+            ports: 0,
+            owned: HashMap::new(),
             owners: HashMap::new(),
             pick_refs: HashMap::new(),
             slots: BTreeMap::new(),
@@ -195,10 +202,21 @@ impl FamilyState {
         self.fam
     }
 
-    /// Replaces the contribution of `port` (None removes it), recording the kernel changes.
-    pub fn set_port(&mut self, port: &PortKey, new: Option<Contribution>, tx: &mut Transaction) {
-        let old = self.contributions.remove(port).unwrap_or_default();
-        let present = new.is_some();
+    /// Replaces the contribution of `port`, `old` (what it was last compiled to; None when it
+    /// is new) with `new` (None removes it), recording the kernel changes.
+    pub fn set_port(
+        &mut self,
+        port: &PortKey,
+        old: Option<Contribution>,
+        new: Option<Contribution>,
+        tx: &mut Transaction,
+    ) {
+        match (&old, &new) {
+            (None, Some(_)) => self.ports += 1,
+            (Some(_), None) => self.ports = self.ports.saturating_sub(1),
+            _ => {}
+        }
+        let old = old.unwrap_or_default();
         let new_c = new.unwrap_or_default();
 
         // Owned sets (affinity): new before use, old after their chains are gone.
@@ -289,8 +307,9 @@ impl FamilyState {
                 tx.operations += 1;
             }
         }
-        if present {
-            self.contributions.insert(port.clone(), new_c);
+        self.owned.remove(port);
+        if !new_c.chains.is_empty() || !new_c.sets.is_empty() {
+            self.owned.insert(port.clone(), (new_c.chains, new_c.sets));
         }
     }
 
@@ -333,7 +352,10 @@ impl FamilyState {
         for p in &c.pick_chains {
             *self.pick_refs.entry(*p).or_default() += 1;
         }
-        self.contributions.insert(port.clone(), c);
+        self.ports += 1;
+        if !c.chains.is_empty() || !c.sets.is_empty() {
+            self.owned.insert(port.clone(), (c.chains, c.sets));
+        }
     }
 
     /// Replaces a plan-wide set's members.
@@ -413,11 +435,11 @@ impl FamilyState {
         for p in picks {
             tx.chains_written.push((p.name(), vec![p.rule()], true));
         }
-        let mut ports: Vec<(&PortKey, &Contribution)> = self.contributions.iter().collect();
+        let mut ports: Vec<_> = self.owned.iter().collect();
         ports.sort_by(|a, b| a.0.cmp(b.0));
-        for (_, c) in ports {
-            tx.sets_added.extend(c.sets.iter().cloned());
-            for ch in &c.chains {
+        for (_, (chains, sets)) in ports {
+            tx.sets_added.extend(sets.iter().cloned());
+            for ch in chains {
                 tx.chains_written.push((ch.name.clone(), ch.rules.clone(), true));
             }
         }
@@ -449,9 +471,9 @@ impl FamilyState {
             chains.extend((0..n).map(|i| compile::slot_chain(space, i)));
             sets.extend((0..n).map(|i| SetRef::Slot(space, i).to_string()));
         }
-        for c in self.contributions.values() {
-            chains.extend(c.chains.iter().map(|c| c.name.clone()));
-            sets.extend(c.sets.iter().map(|s| s.name.clone()));
+        for (owned_chains, owned_sets) in self.owned.values() {
+            chains.extend(owned_chains.iter().map(|c| c.name.clone()));
+            sets.extend(owned_sets.iter().map(|s| s.name.clone()));
         }
         (chains, sets)
     }
@@ -472,7 +494,7 @@ impl FamilyState {
     }
 
     pub fn port_count(&self) -> usize {
-        self.contributions.len()
+        self.ports
     }
 
     pub fn element_count(&self) -> usize {
