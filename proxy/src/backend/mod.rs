@@ -2,6 +2,7 @@
 //! last applied plan and the new one, and can re-apply everything to repair drift.
 
 pub mod ebpf;
+pub mod ipvs;
 pub mod nftables;
 
 use std::time::Duration;
@@ -32,6 +33,8 @@ pub enum BackendError {
     Nft(#[from] nftables::NftError),
     #[error("eBPF: {0}")]
     Ebpf(#[from] ebpf::EbpfError),
+    #[error("IPVS: {0}")]
+    Ipvs(#[from] ipvs::IpvsError),
     #[error("backend {0:?} is not available in this build (see README, \"Not done yet\")")]
     Unavailable(BackendKind),
 }
@@ -55,6 +58,9 @@ pub struct BackendOptions {
     pub ebpf_map_sizes: ebpf::MapSizes,
     /// eBPF: Maglev table size, a prime ≤ 65,537; None: 65,537.
     pub maglev_table_size: Option<u32>,
+    /// IPVS (`--ipvs-scheduler`, `ipvs.scheduler`): the scheduler of every virtual service;
+    /// None: rr.
+    pub ipvs_scheduler: Option<String>,
 }
 
 /// Creates the backend `kind`; the one place that knows which backends exist.
@@ -68,7 +74,7 @@ pub fn build(kind: BackendKind, options: &BackendOptions) -> Result<Box<dyn Back
             Ok(Box::new(nftables::NftBackend::with_netlink(Box::new(nft()), options.netns.clone())))
         }
         BackendKind::Ebpf => Ok(Box::new(ebpf::EbpfBackend::new(ebpf::EbpfOptions::from(options))?)),
-        other => Err(BackendError::Unavailable(other)),
+        BackendKind::Ipvs => Ok(Box::new(ipvs::IpvsBackend::new(ipvs::IpvsOptions::from(options))?)),
     }
 }
 
