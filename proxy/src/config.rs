@@ -135,6 +135,8 @@ pub struct KubeProxyConfig {
     pub cluster_cidrs: Vec<IpNet>,
     pub node_port_addresses: Vec<NodePortAddress>,
     pub masquerade_all: bool,
+    /// `ipvs.scheduler`: the IPVS backend's scheduler.
+    pub ipvs_scheduler: Option<String>,
     pub sync_period: Option<Duration>,
     pub min_sync_period: Option<Duration>,
     pub kubeconfig: Option<PathBuf>,
@@ -503,11 +505,11 @@ impl Parser {
                 ],
                 &mut self.cfg.unknown_fields,
             );
-            for name in
-                ["scheduler", "excludeCIDRs", "strictARP", "tcpTimeout", "tcpFinTimeout", "udpTimeout"]
-            {
+            self.cfg.ipvs_scheduler = s.str("scheduler")?.map(str::to_owned);
+            for name in ["excludeCIDRs", "tcpTimeout", "tcpFinTimeout", "udpTimeout"] {
                 self.not_applied(s, name, "not used by ferry's IPVS backend");
             }
+            self.not_applied(s, "strictARP", "ferry's IPVS backend always sets arp_ignore=1, arp_announce=2");
         }
         if let Some(s) = &nftables {
             s.unknown(

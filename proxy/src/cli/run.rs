@@ -70,6 +70,10 @@ pub struct RunArgs {
     /// [default: the root of the cgroup v2 hierarchy].
     #[arg(long, value_name = "DIR")]
     pub cgroup_path: Option<PathBuf>,
+    /// IPVS: the scheduler of every virtual service (rr, wrr, lc, wlc, sh, mh, ...)
+    /// [default: --config's ipvs.scheduler, else rr].
+    #[arg(long, value_name = "NAME")]
+    pub ipvs_scheduler: Option<String>,
 }
 
 /// Parses `500ms`, `2s`, `1m30s`, `1h`; a bare number is seconds.
@@ -190,6 +194,7 @@ pub fn resolve(
         bpffs: args.bpffs.clone(),
         cgroup_path,
         interfaces: args.interfaces.clone(),
+        ipvs_scheduler: args.ipvs_scheduler.clone().or_else(|| file.ipvs_scheduler.clone()),
         ..BackendOptions::default()
     };
     Ok(Settings {
@@ -322,6 +327,16 @@ mod tests {
         assert_eq!(o.cgroup_path.as_deref(), Some(std::path::Path::new("/sys/fs/cgroup/t")));
         let s = resolve(&args(&["--node-name=n"]), &KubeProxyConfig::default(), None).unwrap();
         assert_eq!(s.backend_options.cgroup_path, None, "nftables attaches no socket programs");
+    }
+
+    #[test]
+    fn the_ipvs_scheduler_comes_from_the_flag_over_the_config_file() {
+        let f = file("mode: ipvs\nipvs:\n  scheduler: lc\n");
+        let s = resolve(&args(&["--node-name=n"]), &f, None).unwrap();
+        assert_eq!(s.backend, BackendKind::Ipvs);
+        assert_eq!(s.backend_options.ipvs_scheduler.as_deref(), Some("lc"));
+        let s = resolve(&args(&["--node-name=n", "--ipvs-scheduler=mh"]), &f, None).unwrap();
+        assert_eq!(s.backend_options.ipvs_scheduler.as_deref(), Some("mh"));
     }
 
     #[test]
