@@ -145,6 +145,8 @@ impl Rtnetlink {
 
 impl ServiceAddresses for Rtnetlink {
     fn ensure_link(&mut self) -> Result<(), SocketError> {
+        // Someone may have deleted it since: look again.
+        self.index = None;
         if self.lookup()?.is_none() {
             let mut msg = LinkMessage::default();
             msg.attributes.push(LinkAttribute::IfName(DUMMY_IFNAME.to_owned()));
