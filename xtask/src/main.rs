@@ -9,6 +9,7 @@ mod demo;
 mod ebpf;
 mod setup;
 mod test;
+mod vm;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -35,6 +36,8 @@ enum Command {
     BenchKernel(bench_kernel::Args),
     /// Data-path benchmark: connection latency and throughput through a ClusterIP (root).
     BenchDatapath(bench_datapath::Args),
+    /// The kernel test suites in a QEMU VM on Debian's 6.1 kernel (root; see docs/vm.md).
+    VmTest(vm::Args),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::BenchKernel(args) => bench_kernel::run(&args),
         Command::BenchDatapath(args) => bench_datapath::run(&args),
+        Command::VmTest(args) => vm::run(&args),
     };
     // One line per cause, no backtrace: these errors are for people, not for debugging xtask.
     match result {

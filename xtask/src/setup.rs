@@ -3,7 +3,8 @@
 //!
 //! Everything comes from Debian's apt and crates.io (see `shared/TOOLCHAIN.md`):
 //! 1. apt packages: Debian's Rust toolchain with its source and LLVM 22 for the eBPF build, and
-//!    the kernel tools the tests drive (`apt-get update` only when something is missing);
+//!    the kernel tools the tests drive, QEMU and what `cargo xtask vm-test` builds its guest
+//!    with (`apt-get update` only when something is missing);
 //! 2. the rustup toolchain [`ebpf::TOOLCHAIN`] linked to Debian's compiler in `/usr`;
 //! 3. bpf-linker [`ebpf::BPF_LINKER_VERSION`] built against LLVM 22 into [`ebpf::tools_dir`].
 
@@ -21,6 +22,9 @@ use crate::ebpf::toolchain as ebpf;
 const TOOLCHAIN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev"];
 /// Debian packages the kernel tests drive.
 const TEST_PACKAGES: &[&str] = &["nftables", "conntrack", "iperf3", "iproute2", "ethtool"];
+/// Debian packages of `cargo xtask vm-test`: QEMU, the guest's busybox, cpio for its
+/// initramfs, kmod (depmod, modprobe) and xz-utils for the kernel package.
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "kmod", "xz-utils"];
 
 /// Options of `cargo xtask setup`.
 #[derive(clap::Args, Debug, Default)]
@@ -77,7 +81,7 @@ fn step(name: &str, missing: &mut Vec<String>, f: impl FnOnce() -> Result<Outcom
 }
 
 fn apt_packages(check: bool) -> Result<Outcome> {
-    let all = TOOLCHAIN_PACKAGES.iter().chain(TEST_PACKAGES);
+    let all = TOOLCHAIN_PACKAGES.iter().chain(TEST_PACKAGES).chain(VM_PACKAGES);
     let mut missing = Vec::new();
     for &package in all.clone() {
         if !dpkg_installed(package)? {
@@ -85,7 +89,7 @@ fn apt_packages(check: bool) -> Result<Outcome> {
         }
     }
     if missing.is_empty() {
-        let count = TOOLCHAIN_PACKAGES.len() + TEST_PACKAGES.len();
+        let count = TOOLCHAIN_PACKAGES.len() + TEST_PACKAGES.len() + VM_PACKAGES.len();
         return Ok(Outcome::Present(format!("{count} packages")));
     }
     let list = missing.join(" ");

@@ -3,16 +3,22 @@
 //!
 //! The kernel tests create network namespaces, veths and BPF programs, so they need root; this
 //! refuses to start without it rather than letting them skip or fail one by one.
+//!
+//! A full run (no cargo arguments) then runs [`vm::CI_SUITES`] again in a QEMU VM on Debian's
+//! 6.1 kernel (`cargo xtask vm-test`, docs/vm.md); `--no-vm` or `FERRY_VM=0` skips that part.
 
 use std::{ffi::OsString, process::Command};
 
 use anyhow::{Context as _, Result, ensure};
 
-use crate::{setup, workspace_root};
+use crate::{setup, vm, workspace_root};
 
 /// Options of `cargo xtask test`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// Skip the suites in the 6.1 VM (also `FERRY_VM=0`).
+    #[arg(long)]
+    pub no_vm: bool,
     /// Extra arguments for `cargo test`: `-p <crate>` replaces `--workspace`; `-- <filter>`
     /// selects tests by name.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -54,5 +60,19 @@ pub fn run(args: &Args) -> Result<()> {
     println!("xtask test: {cmd:?}");
     let status = cmd.status().context("starting cargo test")?;
     ensure!(status.success(), "cargo test failed: {status}");
+
+    if args.no_vm || std::env::var_os("FERRY_VM").is_some_and(|v| v == "0") {
+        println!("xtask test: the VM suites are skipped (--no-vm or FERRY_VM=0)");
+    } else if !args.cargo_args.is_empty() {
+        println!(
+            "xtask test: cargo arguments given: the VM suites are skipped (`cargo xtask vm-test` runs them)"
+        );
+    } else {
+        println!(
+            "xtask test: the kernel suites on Debian's 6.1 kernel in a VM: {}",
+            vm::CI_SUITES.join(", ")
+        );
+        vm::run(&vm::Args::with_suites(vm::CI_SUITES))?;
+    }
     Ok(())
 }
