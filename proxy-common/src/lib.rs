@@ -13,6 +13,8 @@
 //! The data path these maps drive is described in `docs/ebpf.md`.
 #![no_std]
 
+pub mod crc32c;
+
 /// Names of the programs in the eBPF object, as userspace looks them up.
 pub mod programs {
     /// TC classifier on the ingress of node interfaces: new connections to a frontend are

@@ -24,8 +24,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, CtValue, Endpoint, EndpointKey, FlowKey, FrontendKey, FrontendValue,
-    MaglevTable, NODE_PORT_ADDR_V4, NODE_PORT_ADDR_V6, RevNatValue, SockKey, SourceRangeKey, Stat, ct,
-    dst_policy, flow_hash, frontend, ipv4_mapped, maps as m, mark, node_addr, protocol,
+    MaglevTable, NODE_PORT_ADDR_V4, NODE_PORT_ADDR_V6, RevNatValue, SockKey, SourceRangeKey, Stat, crc32c,
+    ct, dst_policy, flow_hash, frontend, ipv4_mapped, maps as m, mark, node_addr, protocol,
 };
 
 #[map]
@@ -712,7 +712,8 @@ fn parse_direct(ctx: &TcContext, pkt: &mut Packet) -> Option<Result<bool, ParseE
 }
 
 /// Offset of the transport checksum from the transport header, and the l4_csum_replace flags
-/// for it; `None` for SCTP (its CRC32c does not cover the addresses).
+/// for it; `None` for SCTP (its CRC32c does not cover the addresses; a port change is
+/// [`sctp_port_checksum`]'s).
 #[inline(always)]
 fn l4_checksum(protocol: u8) -> Option<(usize, u64)> {
     match protocol {
@@ -762,6 +763,9 @@ fn rewrite(ctx: &TcContext, pkt: &Packet, change: &Rewrite) -> Result<(), ParseE
         }
     }
     if change.old_port != change.new_port {
+        if pkt.protocol == protocol::SCTP {
+            sctp_port_checksum(ctx, pkt, change)?;
+        }
         ctx.store(change.port_off, &change.new_port, 0).map_err(|_| ParseError)?;
         if let Some((off, flags)) = csum {
             ctx.l4_csum_replace(
@@ -774,6 +778,34 @@ fn rewrite(ctx: &TcContext, pkt: &Packet, change: &Rewrite) -> Result<(), ParseE
         }
     }
     Ok(())
+}
+
+/// Offset of the checksum in the SCTP common header.
+const SCTP_CHECKSUM_OFF: usize = 8;
+
+/// Updates the SCTP checksum (CRC32c over the whole SCTP packet) for the port change of
+/// `change`, from the length of the packet alone (`proxy_common::crc32c`). A zero checksum is
+/// left alone: Linux sends SCTP with the checksum zero and to be filled in by the device or the
+/// stack (CHECKSUM_PARTIAL, e.g. over veth), which then covers the rewritten port; a computed
+/// CRC32c is zero for one packet in 2^32.
+#[inline(never)]
+fn sctp_port_checksum(ctx: &TcContext, pkt: &Packet, change: &Rewrite) -> Result<(), ParseError> {
+    let checksum_off = pkt.l4 + SCTP_CHECKSUM_OFF;
+    let checksum: u32 = load(ctx, checksum_off)?;
+    if checksum == 0 {
+        return Ok(());
+    }
+    // The SCTP packet's length from the IP header (an Ethernet frame may carry padding).
+    let sctp_len = if pkt.ipv6 {
+        let payload = u16::from_be(load::<u16>(ctx, pkt.l3 + 4)?) as usize;
+        (pkt.l3 + IPV6_HDR_LEN + payload).checked_sub(pkt.l4)
+    } else {
+        let total = u16::from_be(load::<u16>(ctx, pkt.l3 + 2)?) as usize;
+        (pkt.l3 + total).checked_sub(pkt.l4)
+    };
+    let after = sctp_len.and_then(|len| (pkt.l4 + len).checked_sub(change.port_off + 2)).ok_or(ParseError)?;
+    let updated = checksum ^ crc32c::port_change(change.old_port, change.new_port, after as u16);
+    ctx.store(checksum_off, &updated, 0).map_err(|_| ParseError)
 }
 
 // ---- cgroup sock_addr programs: processes of the node ----

@@ -364,3 +364,63 @@ fn a_translated_packet_seen_again_on_another_interface_keeps_its_connection() {
     let synack = Frame::tcp4(ep_ip, 8080, client, 40000, Frame::SYN | Frame::ACK);
     assert_eq!(TestRun::egress(&kernel, &synack).parse().src, sock("10.96.0.10:80"));
 }
+
+/// SCTP's checksum is a CRC32c over the whole SCTP packet (no pseudo-header): an address change
+/// leaves it valid, a port change must update it, both ways, on both families. A zero checksum
+/// (to be filled in by the device or the stack after the program) stays zero.
+#[test]
+fn sctp_port_translation_keeps_the_crc32c_valid_both_ways() {
+    let cases: [(&str, &str, &str); 2] =
+        [("10.96.0.40", "10.0.1.10", "10.0.1.2"), ("fd00:96::40", "fd00:10::1:10", "fd00:10::1:2")];
+    let mut ports = Vec::new();
+    for (vip, ep, _) in cases {
+        let ep: IpAddr = ep.parse().expect("IP");
+        ports.push(PortPlan::cluster_ip("sctp-nat", vip, 80, &[SocketAddr::new(ep, 8080)]).sctp());
+        ports.push(PortPlan::cluster_ip("sctp-same", vip, 9000, &[SocketAddr::new(ep, 9000)]).sctp());
+    }
+    let (_fs, mut kernel) = load("sctp_crc", &ports);
+    for (vip, ep, client) in cases {
+        let (vip, ep, client): (IpAddr, IpAddr, IpAddr) =
+            (vip.parse().expect("IP"), ep.parse().expect("IP"), client.parse().expect("IP"));
+        for payload in [&b"x"[..], &[0x5a; 1200][..]] {
+            let init = Frame::sctp(client, 5000, vip, 80, payload);
+            let p = TestRun::ingress(&kernel, &init).parse();
+            assert_eq!(p.dst, SocketAddr::new(ep, 8080), "SCTP DNAT, port included");
+            assert!(
+                p.checksums_valid,
+                "CRC32c after DNAT with a port change ({} bytes): {p:?}",
+                payload.len()
+            );
+            let reply = Frame::sctp(ep, 8080, client, 5000, payload);
+            let p = TestRun::egress(&kernel, &reply).parse();
+            assert_eq!(p.src, SocketAddr::new(vip, 80), "SCTP reverse translation");
+            assert!(p.checksums_valid, "CRC32c after the reverse translation: {p:?}");
+
+            // Same port: only the address changes, which the CRC does not cover.
+            let same = Frame::sctp(client, 5001, vip, 9000, payload);
+            let out = TestRun::ingress(&kernel, &same).parse();
+            assert_eq!(out.dst, SocketAddr::new(ep, 9000));
+            assert!(out.checksums_valid, "CRC32c after DNAT without a port change: {out:?}");
+        }
+        let mut offloaded = Frame::sctp(client, 5002, vip, 80, b"later");
+        offloaded.zero_sctp_checksum();
+        let p = TestRun::ingress(&kernel, &offloaded).parse();
+        assert_eq!(p.dst, SocketAddr::new(ep, 8080));
+        assert_eq!(p.l4_checksum, 0, "a checksum left to the device stays zero");
+    }
+    assert_eq!(stat(&mut kernel, Stat::ParseError), 0);
+}
+
+/// The verifier walks every path of a program and gives up after a million instructions; a
+/// change that forks its state per branch-free bit trick (as a bit-by-bit CRC multiplication
+/// did) fails to load at all. The budget used stays far from the limit.
+#[test]
+fn the_tc_programs_verify_well_within_the_kernels_budget() {
+    let (_fs, kernel) = load("verifier_budget", &[]);
+    for name in [programs::TC_INGRESS, programs::TC_EGRESS] {
+        let info = kernel.tc_program(name).expect("loaded").info().expect("program info");
+        let verified = info.verified_instruction_count().expect("kernel ≥ 5.16 reports it");
+        println!("{name}: {verified} instructions verified");
+        assert!(verified < 200_000, "{name}: {verified} of the verifier's 1,000,000 instructions");
+    }
+}

@@ -57,6 +57,12 @@ impl PortPlan {
         self
     }
 
+    pub fn sctp(mut self) -> Self {
+        self.0.protocol = Protocol::Sctp;
+        self.0.name.protocol = Protocol::Sctp;
+        self
+    }
+
     pub fn node_port(mut self, port: u16) -> Self {
         self.0.node_port = Some(port);
         self
@@ -136,11 +142,28 @@ impl Frame {
         Self::build(src.into(), sport, dst.into(), dport, 17, 0, payload)
     }
 
+    /// An SCTP packet (one DATA chunk carrying `payload`) with its CRC32c.
+    pub fn sctp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payload: &[u8]) -> Self {
+        Self::build(src, sport, dst, dport, 132, 0, payload)
+    }
+
     fn build(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8, flags: u8, payload: &[u8]) -> Self {
         let mut l4 = Vec::new();
         l4.extend_from_slice(&sport.to_be_bytes());
         l4.extend_from_slice(&dport.to_be_bytes());
-        if proto == 6 {
+        if proto == 132 {
+            l4.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // verification tag
+            l4.extend_from_slice(&[0; 4]); // checksum
+            // DATA chunk: type 0, flags B|E, length, TSN, stream, sequence, PPID, data, padding.
+            let chunk_len = 16 + payload.len();
+            l4.extend_from_slice(&[0, 0x03]);
+            l4.extend_from_slice(&(chunk_len as u16).to_be_bytes());
+            l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+            l4.extend_from_slice(payload);
+            l4.resize(l4.len().next_multiple_of(4), 0);
+            let crc = crc32c(&l4);
+            l4[8..12].copy_from_slice(&crc.to_le_bytes());
+        } else if proto == 6 {
             l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
             l4.extend_from_slice(&0u32.to_be_bytes()); // ack
             l4.push(5 << 4);
@@ -151,10 +174,12 @@ impl Frame {
             l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
             l4.extend_from_slice(&[0, 0]);
         }
-        l4.extend_from_slice(payload);
-        let csum_off = if proto == 6 { 16 } else { 6 };
-        let sum = l4_checksum(&src, &dst, proto, &l4);
-        l4[csum_off..csum_off + 2].copy_from_slice(&sum.to_be_bytes());
+        if proto != 132 {
+            l4.extend_from_slice(payload);
+            let csum_off = if proto == 6 { 16 } else { 6 };
+            let sum = l4_checksum(&src, &dst, proto, &l4);
+            l4[csum_off..csum_off + 2].copy_from_slice(&sum.to_be_bytes());
+        }
 
         let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
         match (src, dst) {
@@ -183,12 +208,36 @@ impl Frame {
         Self(f)
     }
 
+    /// Sets an SCTP packet's checksum to 0, as Linux sends it when the device or the stack is
+    /// to fill it in (CHECKSUM_PARTIAL).
+    pub fn zero_sctp_checksum(&mut self) {
+        let l4 = self.l4_offset();
+        self.0[l4 + 8..l4 + 12].fill(0);
+    }
+
+    fn l4_offset(&self) -> usize {
+        if u16::from_be_bytes([self.0[12], self.0[13]]) == 0x0800 { 14 + 20 } else { 14 + 40 }
+    }
+
     /// Sets an IPv4 UDP datagram's checksum to 0 ("none").
     pub fn zero_udp_checksum(&mut self) {
         let l4 = 14 + 20;
         self.0[l4 + 6] = 0;
         self.0[l4 + 7] = 0;
     }
+}
+
+/// CRC32c (SCTP's checksum, RFC 9260 appendix A) bit by bit: independent of the program's
+/// incremental update.
+pub fn crc32c(data: &[u8]) -> u32 {
+    let mut r = !0u32;
+    for b in data {
+        r ^= u32::from(*b);
+        for _ in 0..8 {
+            r = if r & 1 != 0 { (r >> 1) ^ 0x82f6_3b78 } else { r >> 1 };
+        }
+    }
+    !r
 }
 
 fn sum16(bytes: &[u8], mut acc: u32) -> u32 {
@@ -245,7 +294,8 @@ pub struct Parsed {
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub ip_checksum_valid: bool,
-    pub l4_checksum: u16,
+    /// The transport checksum as stored (TCP/UDP: 16 bits; SCTP: the CRC32c).
+    pub l4_checksum: u32,
     /// IPv4 header checksum (if IPv4) and transport checksum verify.
     pub checksums_valid: bool,
 }
@@ -268,10 +318,18 @@ impl RunOut {
         let seg = &d[l4..];
         let sport = u16::from_be_bytes([seg[0], seg[1]]);
         let dport = u16::from_be_bytes([seg[2], seg[3]]);
-        let off = if proto == 6 { 16 } else { 6 };
-        let l4_checksum = u16::from_be_bytes([seg[off], seg[off + 1]]);
-        let l4_ok = (proto == 17 && l4_checksum == 0 && src.is_ipv4())
-            || fold(sum16(seg, pseudo(&src, &dst, proto, seg.len()))) == 0xffff;
+        let (l4_checksum, l4_ok) = if proto == 132 {
+            let stored = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
+            let mut zeroed = seg.to_vec();
+            zeroed[8..12].fill(0);
+            (stored, crc32c(&zeroed) == stored)
+        } else {
+            let off = if proto == 6 { 16 } else { 6 };
+            let c = u16::from_be_bytes([seg[off], seg[off + 1]]);
+            let ok = (proto == 17 && c == 0 && src.is_ipv4())
+                || fold(sum16(seg, pseudo(&src, &dst, proto, seg.len()))) == 0xffff;
+            (u32::from(c), ok)
+        };
         Parsed {
             src: SocketAddr::new(src, sport),
             dst: SocketAddr::new(dst, dport),
