@@ -154,6 +154,17 @@ fn pods_and_outside_clients_reach_services_over_tcp_and_udp_on_both_families() {
     for iface in ["eth0", "client", "pod0", "pod1"] {
         assert!(attached.iter().any(|a| a == iface), "TC programs on {iface}: {attached:?}");
     }
+    // `ferry status`'s view: the maps read back from the kernel list every frontend and
+    // endpoint.
+    let programmed = e.backend.programmed().expect("the eBPF backend reads its maps back");
+    for frontend in
+        ["10.96.0.10:80/tcp", "10.96.0.10:53/udp", "[fd00:96::10]:80/tcp", "<node-ipv4>:30080/tcp"]
+    {
+        assert!(programmed.contains(frontend), "{frontend} in:\n{programmed}");
+    }
+    for ep in e.endpoints(false).into_iter().chain(e.endpoints(true)) {
+        assert!(programmed.contains(&format!(" {ep}\n")), "endpoint {ep} in:\n{programmed}");
+    }
 
     for v6 in [false, true] {
         let eps: BTreeSet<SocketAddr> = e.endpoints(v6).into_iter().collect();

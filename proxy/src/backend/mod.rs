@@ -97,6 +97,12 @@ pub trait Backend: Send {
     /// Removes everything this backend installed.
     fn cleanup(&mut self) -> Result<(), BackendError>;
 
+    /// What this backend has programmed, read back from the kernel, as text for people
+    /// (`ferry status`); None when it has no such view or has programmed nothing yet.
+    fn programmed(&self) -> Option<String> {
+        None
+    }
+
     /// Whether Service NAT lives in conntrack entries (netfilter DNAT), so that UDP entries
     /// pointing at an endpoint that stopped serving must be deleted after a sync.
     fn nat_in_conntrack(&self) -> bool {

@@ -308,20 +308,9 @@ impl EbpfBackend {
         }
     }
 
-    /// What the live maps hold, their occupancy and the program counters (`ferry status`).
+    /// What the live maps hold, their occupancy and the program counters.
     pub fn dump(&mut self) -> Result<String, EbpfError> {
-        let kernel = self.kernel()?;
-        let maps = kernel.maps();
-        let mut out = maps::dump(maps)?;
-        let _ = writeln!(out, "# occupancy");
-        for (name, used, max) in maps.occupancy() {
-            let _ = writeln!(out, "{name} {used}/{max}");
-        }
-        let _ = writeln!(out, "# counters");
-        for (stat, value) in Stat::ALL.iter().zip(maps.stats()) {
-            let _ = writeln!(out, "{} {value}", stat.name());
-        }
-        Ok(out)
+        describe(self.kernel()?.maps())
     }
 
     /// The summed program counters, indexed by `proxy_common::Stat`.
@@ -348,6 +337,20 @@ impl EbpfBackend {
     pub fn attached_interfaces(&self) -> Vec<String> {
         self.attached.iter().cloned().collect()
     }
+}
+
+/// The maps' contents, occupancy and counters, as text for people.
+fn describe(maps: &mut dyn DataPathMaps) -> Result<String, EbpfError> {
+    let mut out = maps::dump(maps)?;
+    let _ = writeln!(out, "# occupancy");
+    for (name, used, max) in maps.occupancy() {
+        let _ = writeln!(out, "{name} {used}/{max}");
+    }
+    let _ = writeln!(out, "# counters");
+    for (stat, value) in Stat::ALL.iter().zip(maps.stats()) {
+        let _ = writeln!(out, "{} {value}", stat.name());
+    }
+    Ok(out)
 }
 
 /// UDP endpoints a diff takes away: in a changed or removed port's previous endpoints and no
@@ -420,6 +423,16 @@ impl Backend for EbpfBackend {
                 Err(BackendError::Ebpf(e))
             }
         }
+    }
+
+    /// The maps as the kernel holds them, read back through their pins (a handle of its own:
+    /// the sync's handles stay untouched), with occupancy and the program counters.
+    fn programmed(&self) -> Option<String> {
+        self.kernel.as_ref()?;
+        let text = kernel::KernelMaps::open_pinned(&self.options.bpffs, &self.options.map_sizes)
+            .map_err(EbpfError::from)
+            .and_then(|mut maps| describe(&mut maps));
+        Some(text.unwrap_or_else(|e| format!("# reading the pinned maps failed: {e}\n")))
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {
