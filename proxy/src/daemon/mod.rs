@@ -268,7 +268,10 @@ impl Daemon {
         mut reloads: mpsc::Receiver<()>,
     ) -> anyhow::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
+        // Listeners live across iterations: one created per `select!` would miss a signal that
+        // arrives while a sync runs (a lost Ctrl-C).
         let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
         let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
         loop {
             let ready = self.store.has_listed(REQUIRED);
@@ -278,7 +281,7 @@ impl Daemon {
                     info!("SIGTERM: exiting; the data path stays programmed");
                     return Ok(());
                 }
-                _ = tokio::signal::ctrl_c() => {
+                _ = interrupt.recv() => {
                     info!("SIGINT: exiting; the data path stays programmed");
                     return Ok(());
                 }
