@@ -233,6 +233,12 @@ fn incremental_syncs_match_a_full_sync_and_a_restart_adopts_them() {
     let sb = Sandbox::new("ipvs-incr").expect("sandbox");
     let ns = sb.netns("node").expect("netns");
     let fresh_ns = sb.netns("fresh").expect("netns");
+    // The node's addresses, where its NodePort services live (cleanup recognises them there).
+    for n in [&ns, &fresh_ns] {
+        n.ip(&["link", "set", "lo", "up"]).expect("lo up");
+        n.addr("lo", "192.168.0.10/32").expect("node address");
+        n.addr("lo", "fd00::10/128").expect("node address");
+    }
     let options =
         |ns: &Netns| BackendOptions { netns: Some(ns.name().to_owned()), ..BackendOptions::default() };
     let mut backend = build(BackendKind::Ipvs, &options(&ns)).expect("backend");

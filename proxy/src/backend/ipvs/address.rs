@@ -128,8 +128,10 @@ impl Rtnetlink {
             NLM_F_DUMP,
             &op,
             &mut |reply| {
+                // The up link gets an IPv6 link-local address of the kernel's: not ferry's.
                 if let RouteNetlinkMessage::NewAddress(a) = reply
                     && index.is_none_or(|i| a.header.index == i)
+                    && a.header.scope != AddressScope::Link
                 {
                     for attr in &a.attributes {
                         if let AddressAttribute::Address(ip) = attr {
