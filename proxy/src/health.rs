@@ -30,7 +30,7 @@ use tracing::{info, warn};
 
 use crate::httpd::{self, Handler, Listener, Server};
 use crate::model::{IpFamily, NodeInfo, ServiceKey};
-use crate::plan::Plan;
+use crate::plan::ServicePortPlan;
 use crate::store::Store;
 
 /// The header load balancers read to weigh this node (kube-proxy's name).
@@ -221,10 +221,14 @@ pub struct ServiceHealth {
 
 /// The healthCheckNodePort servers the plan asks for, with their local endpoint counts. Ports
 /// claimed by two services (the API server prevents it) go to the first in plan order.
-pub fn wanted_service_health(plan: &Plan, store: &Store, node_name: &str) -> Vec<ServiceHealth> {
+pub fn wanted_service_health<'a>(
+    ports: impl Iterator<Item = &'a ServicePortPlan>,
+    store: &Store,
+    node_name: &str,
+) -> Vec<ServiceHealth> {
     let mut by_port: BTreeMap<u16, ServiceHealth> = BTreeMap::new();
     let mut seen: BTreeSet<&ServiceKey> = BTreeSet::new();
-    for p in plan.ports.values() {
+    for p in ports {
         let Some(port) = p.health_check_node_port.filter(|_| p.external_policy_local) else { continue };
         let key = &p.name.service;
         if !seen.insert(key) {

@@ -11,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets, linear_buckets};
 use prometheus_client::registry::Registry;
 
+use super::plan_stats::PlanStats;
 use super::schedule::SyncKind;
 use crate::model::ProblemReason;
 use crate::plan::Plan;
@@ -220,11 +221,11 @@ impl SyncMetrics {
     }
 
     /// What the plan holds now.
-    pub fn plan(&self, services: usize, plan: &Plan, health_check_servers: usize) {
+    pub fn plan(&self, services: usize, plan: &Plan, stats: &PlanStats, health_check_servers: usize) {
         self.services.set(as_i64(services));
         self.service_ports.set(as_i64(plan.ports.len()));
         self.health_check_servers.set(as_i64(health_check_servers));
-        let (internal, external) = no_local_endpoints(plan);
+        let (internal, external) = stats.no_local_endpoints();
         self.no_local_endpoints.get_or_create(&[("traffic_policy", "internal")]).set(as_i64(internal));
         self.no_local_endpoints.get_or_create(&[("traffic_policy", "external")]).set(as_i64(external));
     }
@@ -240,21 +241,6 @@ impl SyncMetrics {
     pub fn reload(&self, ok: bool) {
         self.config_reloads.get_or_create(&[("result", if ok { "ok" } else { "error" })]).inc();
     }
-}
-
-/// Service ports (per family) with a Local policy whose endpoints are all on other nodes:
-/// (internal, external), as kube-proxy counts them (traffic to them is dropped).
-pub fn no_local_endpoints(plan: &Plan) -> (usize, usize) {
-    let mut internal = 0;
-    let mut external = 0;
-    for p in plan.ports.values() {
-        if !p.has_endpoints || !p.local_endpoints.is_empty() {
-            continue;
-        }
-        internal += usize::from(p.internal_policy_local);
-        external += usize::from(p.external_policy_local);
-    }
-    (internal, external)
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@
 
 pub mod changes;
 pub mod metrics;
+pub mod plan_stats;
 pub mod schedule;
 
 use std::net::{IpAddr, SocketAddr};
@@ -44,6 +45,7 @@ use crate::source::manifests;
 use crate::store::{Store, StoreEvent};
 use changes::{ChangeTracker, EventClass, EventInfo, split_by_kind};
 use metrics::SyncMetrics;
+use plan_stats::PlanStats;
 use schedule::{Schedule, SyncKind};
 
 /// How often the `--config` file is checked for a new content (a ConfigMap update).
@@ -169,6 +171,7 @@ pub async fn run_with_backend(
         backend,
         store: Store::new(),
         planner: Planner::new(),
+        plan_stats: PlanStats::default(),
         tracker: ChangeTracker::default(),
         metrics: sync_metrics,
         health,
@@ -245,6 +248,8 @@ struct Daemon {
     backend: Box<dyn Backend>,
     store: Store,
     planner: Planner,
+    /// Follows the planner: health-check ports and no-local-endpoint counts.
+    plan_stats: PlanStats,
     schedule: Schedule,
     tracker: ChangeTracker,
     metrics: SyncMetrics,
@@ -363,6 +368,7 @@ impl Daemon {
         changes.all |= std::mem::take(&mut self.replan_all);
         let in_flight = self.tracker.take();
         let diff = self.planner.update(&self.store, &self.settings.node, &changes);
+        self.plan_stats.update(&diff);
         if self.backend.nat_in_conntrack() {
             // Kept until a cleanup succeeds: a failed sync's removals must not be forgotten, or
             // a client that keeps sending would stay black-holed.
@@ -394,10 +400,14 @@ impl Daemon {
                 self.health.updated(done);
                 self.last_synced = Some(done);
                 self.metrics.synced(kind, took, done, in_flight.triggers());
-                let wanted = health::wanted_service_health(plan, &self.store, &self.settings.node.node_name);
+                let wanted = health::wanted_service_health(
+                    self.plan_stats.health_checked(),
+                    &self.store,
+                    &self.settings.node.node_name,
+                );
                 let servers = wanted.len();
                 self.health_servers.sync(wanted);
-                self.metrics.plan(self.store.service_count(), plan, servers);
+                self.metrics.plan(self.store.service_count(), plan, &self.plan_stats, servers);
                 self.history.push(record(started_wall, full, took, report.operations, diff.len(), None));
                 if !self.stale_udp.is_empty() {
                     match tokio::task::block_in_place(|| crate::conntrack::cleanup(&self.stale_udp)) {
