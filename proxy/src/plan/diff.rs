@@ -1,5 +1,6 @@
 //! The difference between two plans: what an incremental backend must change.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::{Plan, ServicePortPlan};
@@ -11,6 +12,10 @@ pub struct PlanDiff {
     pub changed: Vec<(Arc<ServicePortPlan>, Arc<ServicePortPlan>)>,
     pub removed: Vec<Arc<ServicePortPlan>>,
     pub cluster_ips_changed: bool,
+    /// Which ClusterIPs became allocated and which were freed, so a backend can update its set
+    /// of them by the change rather than by comparing every address (a one-service add).
+    pub cluster_ips_added: Vec<IpAddr>,
+    pub cluster_ips_removed: Vec<IpAddr>,
     pub service_cidrs_changed: bool,
 }
 
@@ -29,7 +34,9 @@ impl PlanDiff {
                 diff.removed.push(p.clone());
             }
         }
-        diff.cluster_ips_changed = old.cluster_ips != new.cluster_ips;
+        diff.cluster_ips_added = new.cluster_ips.difference(&old.cluster_ips).copied().collect();
+        diff.cluster_ips_removed = old.cluster_ips.difference(&new.cluster_ips).copied().collect();
+        diff.cluster_ips_changed = !diff.cluster_ips_added.is_empty() || !diff.cluster_ips_removed.is_empty();
         diff.service_cidrs_changed = old.service_cidrs != new.service_cidrs;
         diff
     }

@@ -347,6 +347,7 @@ impl Planner {
                         self.ip_owners.remove(ip);
                         self.plan.cluster_ips.remove(ip);
                         diff.cluster_ips_changed = true;
+                        diff.cluster_ips_removed.push(*ip);
                     }
                 }
             }
@@ -356,6 +357,14 @@ impl Planner {
                 if *n == 1 {
                     self.plan.cluster_ips.insert(*ip);
                     diff.cluster_ips_changed = true;
+                    // Freed and taken again in one update (one service handing its address
+                    // to another): no change.
+                    match diff.cluster_ips_removed.iter().position(|r| r == ip) {
+                        Some(i) => {
+                            diff.cluster_ips_removed.swap_remove(i);
+                        }
+                        None => diff.cluster_ips_added.push(*ip),
+                    }
                 }
             }
         }

@@ -394,6 +394,30 @@ fn relist_keeps_unchanged_services_and_removes_vanished_ones() {
     assert!(diff.changed.is_empty() && diff.added.is_empty());
 }
 
+#[test]
+fn the_diff_names_the_cluster_ips_allocated_and_freed_and_not_an_address_handed_over() {
+    let cfg = config();
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+    let mut store = store_of(vec![service("a", web(json!({"clusterIP": "10.96.0.30"})))]);
+    let mut planner = Planner::new();
+    let initial = store.take_changes();
+    assert_eq!(planner.update(&store, &cfg, &initial).cluster_ips_added, vec![ip("10.96.0.30")]);
+
+    store.handle(StoreEvent::Apply(service("b", web(json!({"clusterIP": "10.96.0.31"})))));
+    let changes = store.take_changes();
+    let diff = planner.update(&store, &cfg, &changes);
+    assert_eq!((diff.cluster_ips_added, diff.cluster_ips_removed), (vec![ip("10.96.0.31")], vec![]));
+
+    // `a` goes and `c` takes its address in the same update: nothing to change in the kernel.
+    let a = crate::model::ObjectRef::new(crate::model::Kind::Service, Some("ns"), Some("a"));
+    store.handle(StoreEvent::Delete(a));
+    store.handle(StoreEvent::Apply(service("c", web(json!({"clusterIP": "10.96.0.30"})))));
+    let changes = store.take_changes();
+    let diff = planner.update(&store, &cfg, &changes);
+    assert!(diff.cluster_ips_added.is_empty() && diff.cluster_ips_removed.is_empty(), "{diff:?}");
+    assert_eq!(planner.plan(), &build(&store, &cfg), "incremental equals from-scratch");
+}
+
 mod property {
     use proptest::prelude::*;
 

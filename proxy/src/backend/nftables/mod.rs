@@ -138,7 +138,7 @@ impl NftBackend {
         Ok(self.families.iter().map(FamilyState::element_count).sum())
     }
 
-    fn partial_sync(&mut self, diff: &PlanDiff, plan: &Plan, config: &NodeConfig) -> Result<usize, NftError> {
+    fn partial_sync(&mut self, diff: &PlanDiff) -> Result<usize, NftError> {
         let netlink = self.elements.is_some();
         let (mut before, mut after) = (String::new(), String::new());
         let mut batches = Vec::new();
@@ -161,11 +161,13 @@ impl NftBackend {
                 st.set_port(&key_of(p), compiled(old), compiled(new), &mut tx);
             }
             if diff.cluster_ips_changed {
-                for (set, members) in state::globals(plan, fam, config) {
-                    if set == "cluster_ips" {
-                        st.set_global(set, members, &mut tx);
-                    }
-                }
+                let of_family = |ips: &[std::net::IpAddr]| -> Vec<String> {
+                    let fam_ips = ips.iter().filter(|ip| crate::model::IpFamily::of(ip) == fam.family);
+                    fam_ips.map(ToString::to_string).collect()
+                };
+                let (added, removed) =
+                    (of_family(&diff.cluster_ips_added), of_family(&diff.cluster_ips_removed));
+                st.change_global("cluster_ips", added, removed, &mut tx);
             }
             operations += tx.operations;
             if !tx.is_empty() {
@@ -253,7 +255,7 @@ impl Backend for NftBackend {
         let start = Instant::now();
         let full = !self.in_sync || diff.is_none() || diff.is_some_and(|d| d.service_cidrs_changed);
         let result = match diff {
-            Some(d) if !full => self.partial_sync(d, plan, config),
+            Some(d) if !full => self.partial_sync(d),
             _ => self.full_sync(plan, config),
         };
         match result {

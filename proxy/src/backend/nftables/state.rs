@@ -372,6 +372,29 @@ impl FamilyState {
         self.globals.insert(set, members);
     }
 
+    /// Adds and removes members of a plan-wide set: O(change), for incremental syncs.
+    pub fn change_global(
+        &mut self,
+        set: &'static str,
+        added: Vec<String>,
+        removed: Vec<String>,
+        tx: &mut Transaction,
+    ) {
+        let members = self.globals.entry(set).or_default();
+        for gone in removed {
+            if members.remove(&gone) {
+                tx.elements_deleted.entry(SetRef::Fixed(set)).or_default().push(gone);
+                tx.operations += 1;
+            }
+        }
+        for new in added {
+            if members.insert(new.clone()) {
+                tx.elements_added.entry(SetRef::Fixed(set)).or_default().push(new);
+                tx.operations += 1;
+            }
+        }
+    }
+
     /// A script that makes the kernel table equal to this state whatever it held before,
     /// in one transaction: declarations are idempotent `add`s, static chains and non-dynamic
     /// sets are flushed and refilled, affinity sets keep their entries, and objects ferry no
