@@ -1,14 +1,17 @@
-//! Control-plane benchmarks: plan build, incremental re-plan, nftables compilation.
+//! Control-plane benchmarks: plan build, incremental re-plan, nftables compilation (full, one
+//! endpoint change, one service add), and the eBPF backend's map diff.
 //!
 //! Run: `cargo bench -p ferry-bench --bench control_plane` (add `-- plan` to filter).
 //! Shapes follow kube-proxy's BenchmarkSyncProxyRules: ClusterIP services, one TCP port,
 //! 10 ready endpoints each. Every benchmark checks its output so a broken compiler can't look fast.
 
 use std::hint::black_box;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use ferry_bench::{RecordingRunner, config, slice, store};
+use ferry_bench::{RecordingRunner, config, service, slice, store};
 use proxy::backend::Backend;
+use proxy::backend::ebpf::{self, maps::FakeMaps};
 use proxy::backend::nftables::NftBackend;
 use proxy::plan::{self, Planner};
 use proxy::store::StoreEvent;
@@ -104,5 +107,88 @@ fn nft_compile_incremental(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, plan_build, replan_one_endpoint_change, nft_compile_full, nft_compile_incremental);
+/// One new service (a Service and its slice) planned and compiled; removing it again, so every
+/// sample starts from the same table, is not timed.
+fn nft_compile_one_service_add(c: &mut Criterion) {
+    let mut g = c.benchmark_group("nft_compile_one_service_add");
+    for n in SIZES {
+        let mut s = store(n, ENDPOINTS);
+        let cfg = config();
+        let mut planner = Planner::new();
+        let initial = s.take_changes();
+        let diff = planner.update(&s, &cfg, &initial);
+        let mut backend = NftBackend::new(Box::new(RecordingRunner::default()));
+        backend.sync(planner.plan(), Some(&diff), &cfg).expect("recording runner cannot fail");
+        let added = service(n);
+        let added_ref = added.object_ref();
+        let slice_ref = slice(n, ENDPOINTS, 0).object_ref();
+        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    s.handle(StoreEvent::Apply(added.clone()));
+                    s.handle(StoreEvent::Apply(slice(n, ENDPOINTS, 0)));
+                    let start = Instant::now();
+                    let changes = s.take_changes();
+                    let diff = planner.update(&s, &cfg, &changes);
+                    let report = backend.sync(planner.plan(), Some(&diff), &cfg).expect("no kernel");
+                    timed += start.elapsed();
+                    // Its frontend, ClusterIP and one slot element per endpoint.
+                    assert!(
+                        diff.added.len() == 1 && report.operations > ENDPOINTS && !report.full,
+                        "{report:?}"
+                    );
+                    s.handle(StoreEvent::Delete(added_ref.clone()));
+                    s.handle(StoreEvent::Delete(slice_ref.clone()));
+                    let changes = s.take_changes();
+                    let diff = planner.update(&s, &cfg, &changes);
+                    assert_eq!(diff.removed.len(), 1);
+                    backend.sync(planner.plan(), Some(&diff), &cfg).expect("no kernel");
+                }
+                timed
+            })
+        });
+    }
+}
+
+/// The eBPF backend's share of a one-endpoint change: the map writes computed from the plan
+/// diff (a new endpoint set, the frontend flipped to it), applied to in-memory maps — no root,
+/// no kernel; the kernel's own cost of a map write is in docs/benchmarks.md (bench-kernel).
+fn ebpf_map_diff_one_endpoint_change(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ebpf_map_diff_one_endpoint_change");
+    for n in SIZES {
+        let mut s = store(n, ENDPOINTS);
+        let cfg = config();
+        let mut planner = Planner::new();
+        let initial = s.take_changes();
+        planner.update(&s, &cfg, &initial);
+        let mut maps = FakeMaps::default();
+        let mut state = ebpf::state::State::new(ebpf::maglev::DEFAULT_TABLE_SIZE);
+        state.full(planner.plan(), &cfg, &mut maps).expect("in-memory maps cannot fail");
+        assert!(maps.services.0.len() >= n, "every ClusterIP has a frontend entry");
+        let mut generation = 0;
+        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                generation = (generation + 1) % 2;
+                s.handle(StoreEvent::Apply(slice(7, ENDPOINTS, generation)));
+                let changes = s.take_changes();
+                let diff = planner.update(&s, &cfg, &changes);
+                state.partial(planner.plan(), &diff, &cfg, &mut maps).expect("in-memory maps");
+                // A new set of 10 endpoints and the frontend pointing at it.
+                assert!(state.operations > ENDPOINTS, "{} map operations", state.operations);
+                state.operations
+            })
+        });
+    }
+}
+
+criterion_group!(
+    benches,
+    plan_build,
+    replan_one_endpoint_change,
+    nft_compile_full,
+    nft_compile_incremental,
+    nft_compile_one_service_add,
+    ebpf_map_diff_one_endpoint_change
+);
 criterion_main!(benches);
