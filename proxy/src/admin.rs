@@ -48,6 +48,10 @@ pub struct StatusReport {
     pub syncs: Vec<SyncRecord>,
     pub health_check_node_ports: Vec<HealthCheckStatus>,
     pub skipped: Vec<SkippedObject>,
+    /// What the backend has programmed, read back from the kernel (`Backend::programmed`;
+    /// the eBPF maps); absent for backends without such a view.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub programmed: Option<String>,
 }
 
 /// One programmed service port in one family.
@@ -263,6 +267,7 @@ mod tests {
             syncs: vec![],
             health_check_node_ports: vec![],
             skipped: vec![],
+            programmed: Some("# SERVICES (0 entries)\n".into()),
         };
         let expected = report.clone();
         tokio::spawn(async move {

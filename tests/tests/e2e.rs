@@ -789,6 +789,38 @@ fn a_direct_connection_to_a_pod_from_the_source_port_of_a_finished_service_conne
     }
 }
 
+/// `ferry status` lists every service port with its frontends, and where the backend reads its
+/// kernel state back (eBPF: the maps), that state names the frontends and every endpoint.
+fn status_shows_the_service_ports_and_what_the_backend_programmed(backend: Backend) {
+    let mut fx = Fixture::new("status", backend);
+    let web = Svc::new("web", 10).node_port(30010, 30011).ready(&fx.serving_pods());
+    fx.start(&[&web]);
+    let text = fx.ferry_command(&["status"]).unwrap_or_else(|e| panic!("ferry status: {e}"));
+    for family in Family::ALL {
+        let frontend = fx.cluster_addr(10, family, 80).to_string();
+        assert!(
+            text.lines().any(|l| l.starts_with("e2e/web") && l.contains(&frontend)),
+            "{frontend} in:\n{text}"
+        );
+    }
+    let programmed = text.split_once("\nPROGRAMMED").map(|(_, p)| p);
+    match backend {
+        Backend::Ebpf => {
+            let programmed = programmed.unwrap_or_else(|| panic!("no PROGRAMMED section:\n{text}"));
+            for family in Family::ALL {
+                for (proto, port) in PORTS {
+                    let frontend = format!("{}/{proto}", fx.cluster_addr(10, family, port));
+                    assert!(programmed.contains(&frontend), "{frontend} in:\n{programmed}");
+                }
+                for ep in fx.endpoints(&fx.serving_pods(), family) {
+                    assert!(programmed.contains(&format!(" {ep}\n")), "endpoint {ep} in:\n{programmed}");
+                }
+            }
+        }
+        Backend::Nftables | Backend::Ipvs => assert!(programmed.is_none(), "{text}"),
+    }
+}
+
 /// Instantiates every test once per data plane: `nftables::<test>`, `ebpf::<test>` and
 /// `ipvs::<test>` (ignored: the VM harness runs them).
 macro_rules! suite {
@@ -833,4 +865,5 @@ suite! {
     cleanup_removes_the_backends_kernel_state,
     a_malformed_manifest_costs_no_other_service_its_rules,
     a_direct_connection_to_a_pod_from_the_source_port_of_a_finished_service_connection_is_served,
+    status_shows_the_service_ports_and_what_the_backend_programmed,
 }

@@ -113,6 +113,14 @@ pub fn format_text(r: &StatusReport) -> String {
     }
     table(&mut out, &rows);
 
+    if let Some(programmed) = &r.programmed {
+        let _ = writeln!(out, "\nPROGRAMMED (read back from the kernel, backend {})", r.backend);
+        out.push_str(programmed);
+        if !programmed.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+
     if !r.skipped.is_empty() {
         out.push('\n');
         let mut rows = vec![row(&["SKIPPED OBJECT", "REASON", "DETAIL"])];
@@ -192,8 +200,13 @@ mod tests {
                 listening: true,
             }],
             skipped: vec![],
+            programmed: Some("# SERVICES (1 entries)\n10.96.0.10:80/tcp service=1 set=1x3 flags=-\n".into()),
         };
         let text = format_text(&r);
+        assert!(
+            text.contains("PROGRAMMED (read back from the kernel, backend nftables)\n# SERVICES"),
+            "{text}"
+        );
         assert!(text.starts_with("ferry 0.1.0 on node node-a, backend nftables: healthy\n"), "{text}");
         let line = text.lines().find(|l| l.starts_with("e2e/web")).unwrap();
         let cells: Vec<&str> = line.split("  ").filter(|c| !c.is_empty()).map(str::trim).collect();

@@ -524,6 +524,7 @@ impl Daemon {
                     detail: p.detail.clone(),
                 })
                 .collect(),
+            programmed: self.backend.programmed(),
         }
     }
 }
