@@ -823,13 +823,21 @@ fn status_shows_the_service_ports_and_what_the_backend_programmed(backend: Backe
 
 /// Instantiates every test once per data plane: `nftables::<test>`, `ebpf::<test>` and
 /// `ipvs::<test>` (ignored: the VM harness runs them).
+/// Generates one test per backend for each case. Cases after `except_ipvs:` are not generated
+/// for IPVS, each for a reason documented in docs/ipvs.md ("Not supported"):
+/// - the direct connection after a service connection from the same source port: IPVS keeps the
+///   finished connection's entry (TIME_WAIT, two minutes, not settable over netlink and not
+///   deletable one by one) and reverse-translates the pod's replies to the new direct flow, as
+///   kube-proxy's IPVS mode does too.
 macro_rules! suite {
-    ($($test:ident),* $(,)?) => {
+    ($($test:ident),* $(,)?; except_ipvs: $($no_ipvs:ident),* $(,)?) => {
         mod nftables {
             $( #[test] fn $test() { super::$test(super::Backend::Nftables) } )*
+            $( #[test] fn $no_ipvs() { super::$no_ipvs(super::Backend::Nftables) } )*
         }
         mod ebpf {
             $( #[test] fn $test() { super::$test(super::Backend::Ebpf) } )*
+            $( #[test] fn $no_ipvs() { super::$no_ipvs(super::Backend::Ebpf) } )*
         }
         mod ipvs {
             $(
@@ -864,6 +872,7 @@ suite! {
     a_restart_keeps_established_connections_and_the_rules,
     cleanup_removes_the_backends_kernel_state,
     a_malformed_manifest_costs_no_other_service_its_rules,
+    status_shows_the_service_ports_and_what_the_backend_programmed;
+    except_ipvs:
     a_direct_connection_to_a_pod_from_the_source_port_of_a_finished_service_connection_is_served,
-    status_shows_the_service_ports_and_what_the_backend_programmed,
 }
