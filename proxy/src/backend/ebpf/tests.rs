@@ -144,3 +144,37 @@ fn external_frontends_use_maglev_and_policy_local_short_circuits_pods() {
     assert_eq!(maps.maglev.0.len(), 1, "one Maglev table, for the local set");
     assert_eq!(maps.maglev.0[&np.set].size, 251);
 }
+
+#[test]
+fn a_service_added_and_removed_by_diffs_leaves_the_maps_a_full_sync_would_write() {
+    let web = port("web", "10.96.0.10", &["10.0.1.10:8080"]);
+    let db = port("db", "10.96.0.11", &["10.0.1.20:5432"]);
+    let mut maps = FakeMaps::default();
+    let mut state = State::new(251);
+    state.full(&plan(std::slice::from_ref(&web)), &config(), &mut maps).expect("sync");
+
+    let both = plan(&[web.clone(), db.clone()]);
+    let added = PlanDiff {
+        added: vec![Arc::new(db.clone())],
+        cluster_ips_changed: true,
+        cluster_ips_added: vec![db.cluster_ip],
+        ..PlanDiff::default()
+    };
+    state.partial(&both, &added, &config(), &mut maps).expect("add");
+    let mut fresh = FakeMaps::default();
+    State::new(251).full(&both, &config(), &mut fresh).expect("full");
+    assert_eq!(maps.dst_policy.0, fresh.dst_policy.0, "the new ClusterIP rejects unknown ports");
+    assert_eq!(maps.services.0.len(), fresh.services.0.len());
+
+    let removed = PlanDiff {
+        removed: vec![Arc::new(db.clone())],
+        cluster_ips_changed: true,
+        cluster_ips_removed: vec![db.cluster_ip],
+        ..PlanDiff::default()
+    };
+    let only_web = plan(std::slice::from_ref(&web));
+    state.partial(&only_web, &removed, &config(), &mut maps).expect("remove");
+    let mut fresh = FakeMaps::default();
+    State::new(251).full(&only_web, &config(), &mut fresh).expect("full");
+    assert_eq!(maps.dst_policy.0, fresh.dst_policy.0, "its ClusterIP is unallocated again");
+}
