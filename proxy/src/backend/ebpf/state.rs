@@ -338,9 +338,9 @@ impl State {
         }
         for ip in &diff.cluster_ips_added {
             let key: Cidr = (128, addr16(*ip));
-            if !self.dst_policy.contains_key(&key) {
+            if let std::collections::btree_map::Entry::Vacant(entry) = self.dst_policy.entry(key) {
                 maps.dst_policy().put(&key, &dst_policy::REJECT)?;
-                self.dst_policy.insert(key, dst_policy::REJECT);
+                entry.insert(dst_policy::REJECT);
                 self.operations += 1;
             }
         }
