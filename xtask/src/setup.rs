@@ -23,8 +23,9 @@ const TOOLCHAIN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", 
 /// Debian packages the kernel tests drive.
 const TEST_PACKAGES: &[&str] = &["nftables", "conntrack", "iperf3", "iproute2", "ethtool"];
 /// Debian packages of `cargo xtask vm-test`: QEMU, the guest's busybox, cpio for its
-/// initramfs, kmod (depmod, modprobe) and xz-utils for the kernel package.
-const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "kmod", "xz-utils"];
+/// initramfs, kmod (depmod, modprobe) and xz-utils for the kernel package, and ipvsadm, which
+/// the e2e fixture uses in the guest to read and damage IPVS state independently of ferry.
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "kmod", "xz-utils", "ipvsadm"];
 
 /// Options of `cargo xtask setup`.
 #[derive(clap::Args, Debug, Default)]
