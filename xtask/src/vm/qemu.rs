@@ -153,8 +153,18 @@ impl Drop for Guard {
     }
 }
 
-/// Boots `machine`, streams its console to stdout and waits for the exit marker, at most `timeout`.
-pub fn run(machine: &Machine, timeout: Duration) -> Result<Outcome> {
+/// How long the guest may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// From starting QEMU to the boot marker.
+    pub boot: Duration,
+    /// For each step, and between two markers outside steps.
+    pub step: Duration,
+}
+
+/// Boots `machine`, streams its console to stdout and waits for the exit marker; kills QEMU
+/// when the boot or a step takes longer than `timeouts` allow.
+pub fn run(machine: &Machine, timeouts: Timeouts) -> Result<Outcome> {
     let qemu = "qemu-system-x86_64";
     let args = arguments(machine);
     let start = Instant::now();
@@ -179,7 +189,7 @@ pub fn run(machine: &Machine, timeout: Duration) -> Result<Outcome> {
         }
     });
 
-    let deadline = start + timeout;
+    let mut deadline = start + timeouts.boot;
     let mut boot = None;
     let mut guest_boot_secs = 0.0;
     let mut release = String::new();
@@ -190,11 +200,14 @@ pub fn run(machine: &Machine, timeout: Duration) -> Result<Outcome> {
         let line = match rx.recv_timeout(left) {
             Ok(line) => line,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                let doing = current.as_ref().map_or_else(
-                    || if boot.is_some() { "between steps".to_owned() } else { "booting".to_owned() },
-                    |(name, _)| format!("running {name}"),
-                );
-                bail!("the VM did not finish within {}s ({doing}); killed it", timeout.as_secs());
+                let doing = match (&current, boot) {
+                    (Some((name, _)), _) => format!("{name} took longer than {}s", timeouts.step.as_secs()),
+                    (None, Some(_)) => {
+                        format!("nothing happened between steps for {}s", timeouts.step.as_secs())
+                    }
+                    (None, None) => format!("the guest did not boot within {}s", timeouts.boot.as_secs()),
+                };
+                bail!("{doing}; killed the VM");
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let status = guard.0.wait()?;
@@ -204,7 +217,11 @@ pub fn run(machine: &Machine, timeout: Duration) -> Result<Outcome> {
             }
         };
         println!("{line}");
-        match markers::parse(&line) {
+        let event = markers::parse(&line);
+        if matches!(event, Some(Event::Booted { .. } | Event::Start { .. } | Event::End { .. })) {
+            deadline = Instant::now() + timeouts.step;
+        }
+        match event {
             Some(Event::Booted { uptime, release: r }) => {
                 let took = start.elapsed();
                 println!("vm: booted {r} in {:.1}s (guest uptime {uptime:.2}s)", took.as_secs_f64());
