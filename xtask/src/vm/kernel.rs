@@ -265,15 +265,27 @@ fn newest_cached(root: &Path, package: &str) -> Result<Option<Kernel>> {
     newest.map(|(p, v, dir)| load(&dir, &p, &v)).transpose()
 }
 
-/// Removes the other cached versions of `package` (each is ~500 MB).
+/// Removes the other cached versions of `package`, and those of the same kernel series under
+/// an older ABI name (`linux-image-6.1.0-55-amd64` once `-56` is there): each is ~500 MB.
 fn remove_other_versions(root: &Path, package: &str, version: &str) {
     let keep = entry_name(package, version);
     for (p, _, dir) in cached(root) {
-        if p == package && dir.file_name().is_some_and(|n| n != keep.as_str()) {
+        if same_series(&p, package) && dir.file_name().is_some_and(|n| n != keep.as_str()) {
             println!("vm: removing the older kernel {}", dir.display());
             let _ = fs::remove_dir_all(&dir);
         }
     }
+}
+
+/// Whether two image packages differ at most in their ABI number
+/// (`linux-image-<version>-<abi>-<flavour>`).
+fn same_series(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<&str>, Vec<&str>) = (a.split('-').collect(), b.split('-').collect());
+    a.len() == b.len()
+        && a.iter()
+            .zip(&b)
+            .enumerate()
+            .all(|(i, (x, y))| x == y || (i == 3 && x.parse::<u32>().is_ok() && y.parse::<u32>().is_ok()))
 }
 
 #[cfg(test)]
@@ -313,6 +325,15 @@ mod tests {
     fn config_hz_should_read_the_tick_rate() {
         assert_eq!(config_hz("CONFIG_HZ_250=y\nCONFIG_HZ=250\n"), Some(250));
         assert_eq!(config_hz("# CONFIG_HZ is not set\n"), None);
+    }
+
+    #[test]
+    fn same_series_should_differ_only_in_the_abi_number() {
+        assert!(same_series("linux-image-6.1.0-55-amd64", "linux-image-6.1.0-56-amd64"));
+        assert!(same_series("linux-image-6.1.0-56-amd64", "linux-image-6.1.0-56-amd64"));
+        assert!(!same_series("linux-image-6.1.0-56-amd64", "linux-image-6.12.0-56-amd64"));
+        assert!(!same_series("linux-image-6.1.0-56-amd64", "linux-image-6.1.0-56-rt-amd64"));
+        assert!(!same_series("linux-image-6.1.0-56-amd64", "linux-image-6.1.0-56-cloud"));
     }
 
     #[test]
