@@ -89,7 +89,7 @@ pub struct Args {
     pub boot_timeout: u64,
     /// A test target of --package and arguments for its binary, as one shell-quoted string
     /// ("e2e ipvs:: --include-ignored"); repeat for several suites in one boot.
-    /// Default: every kernel suite, see `DEFAULT_SUITES` (none when --run is given).
+    /// Default: every kernel suite, listed in docs/vm.md (none when --run is given).
     #[arg(long = "suite", value_name = "TARGET [ARGS]")]
     pub suites: Vec<String>,
     /// A shell command line to run in the guest (after the suites); repeatable.
