@@ -156,9 +156,9 @@ pub fn run(args: &Args) -> Result<()> {
 
     let mut plan = GuestPlan {
         shares: shares(&root, &target_dir),
-        // FERRY_VM tells a test it runs emulated (TCG): a per-packet timing bound, say, does
+        // FERRY_IN_VM tells a test it runs emulated (TCG): a per-packet timing bound, say, does
         // not hold there.
-        env: vec![("RUST_BACKTRACE".into(), "1".into()), ("FERRY_VM".into(), "tcg".into())],
+        env: vec![("RUST_BACKTRACE".into(), "1".into()), ("FERRY_IN_VM".into(), "tcg".into())],
         steps: vec![Step {
             name: "vm-smoke".into(),
             cwd: None,
