@@ -45,14 +45,11 @@ pub const DEFAULT_SUITES: &[&str] = &[
 ];
 
 /// The suites `cargo xtask test` runs in the VM after the host tests: IPVS, which only the VM
-/// has, and the eBPF programs through the 6.1 verifier, leaving out what fails on 6.1 today
-/// (docs/vm.md says why) and the per-packet timing bound, which emulation cannot meet.
-/// About 7 minutes under TCG.
+/// has, and the eBPF programs through the 6.1 verifier, leaving out the per-packet timing
+/// bound, which emulation cannot meet (docs/vm.md). About 7 minutes under TCG.
 pub const CI_SUITES: &[&str] = &[
     "ipvs_kernel --include-ignored",
-    "e2e --include-ignored ipvs:: \
-     --skip ipvs::a_direct_connection_to_a_pod_from_the_source_port_of_a_finished_service_connection_is_served \
-     --skip ipvs::load_balancer_source_ranges_admit_sources_inside_and_drop_others_while_the_node_port_stays_open",
+    "e2e --include-ignored ipvs::",
     "ebpf_datapath --skip a_program_run_costs_little_with_ten_thousand_services",
 ];
 
