@@ -13,12 +13,22 @@ use ferry_bench::{RecordingRunner, config, service, slice, store};
 use proxy::backend::Backend;
 use proxy::backend::ebpf::{self, maps::FakeMaps};
 use proxy::backend::nftables::NftBackend;
-use proxy::plan::{self, Planner};
-use proxy::store::StoreEvent;
+use proxy::plan::{self, NodeConfig, PlanDiff, Planner};
+use proxy::store::{Store, StoreEvent};
 
 // kube-proxy's BenchmarkSyncProxyRules sizes (100, 1,000, 5,000) and ferry's targets (10,000, 50,000).
 const SIZES: [usize; 5] = [100, 1_000, 5_000, 10_000, 50_000];
 const ENDPOINTS: usize = 10;
+
+/// `n` synthetic services in a store, planned once: the starting point of every incremental case.
+fn planned(n: usize) -> (Store, NodeConfig, Planner, PlanDiff) {
+    let mut s = store(n, ENDPOINTS);
+    let cfg = config();
+    let mut planner = Planner::new();
+    let initial = s.take_changes();
+    let diff = planner.update(&s, &cfg, &initial);
+    (s, cfg, planner, diff)
+}
 
 fn plan_build(c: &mut Criterion) {
     let mut g = c.benchmark_group("plan_build");
@@ -39,11 +49,7 @@ fn plan_build(c: &mut Criterion) {
 fn replan_one_endpoint_change(c: &mut Criterion) {
     let mut g = c.benchmark_group("replan_one_endpoint_change");
     for n in SIZES {
-        let mut s = store(n, ENDPOINTS);
-        let cfg = config();
-        let mut planner = Planner::new();
-        let initial = s.take_changes();
-        planner.update(&s, &cfg, &initial);
+        let (mut s, cfg, mut planner, _) = planned(n);
         let mut generation = 0;
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
@@ -83,11 +89,7 @@ fn nft_compile_full(c: &mut Criterion) {
 fn nft_compile_incremental(c: &mut Criterion) {
     let mut g = c.benchmark_group("nft_compile_one_endpoint_change");
     for n in SIZES {
-        let mut s = store(n, ENDPOINTS);
-        let cfg = config();
-        let mut planner = Planner::new();
-        let initial = s.take_changes();
-        let diff = planner.update(&s, &cfg, &initial);
+        let (mut s, cfg, mut planner, diff) = planned(n);
         let mut backend = NftBackend::new(Box::new(RecordingRunner::default()));
         backend.sync(planner.plan(), Some(&diff), &cfg).expect("recording runner cannot fail");
         let mut generation = 0;
@@ -112,11 +114,7 @@ fn nft_compile_incremental(c: &mut Criterion) {
 fn nft_compile_one_service_add(c: &mut Criterion) {
     let mut g = c.benchmark_group("nft_compile_one_service_add");
     for n in SIZES {
-        let mut s = store(n, ENDPOINTS);
-        let cfg = config();
-        let mut planner = Planner::new();
-        let initial = s.take_changes();
-        let diff = planner.update(&s, &cfg, &initial);
+        let (mut s, cfg, mut planner, diff) = planned(n);
         let mut backend = NftBackend::new(Box::new(RecordingRunner::default()));
         backend.sync(planner.plan(), Some(&diff), &cfg).expect("recording runner cannot fail");
         let added = service(n);
@@ -157,11 +155,7 @@ fn nft_compile_one_service_add(c: &mut Criterion) {
 fn ebpf_map_diff_one_endpoint_change(c: &mut Criterion) {
     let mut g = c.benchmark_group("ebpf_map_diff_one_endpoint_change");
     for n in SIZES {
-        let mut s = store(n, ENDPOINTS);
-        let cfg = config();
-        let mut planner = Planner::new();
-        let initial = s.take_changes();
-        planner.update(&s, &cfg, &initial);
+        let (mut s, cfg, mut planner, _) = planned(n);
         let mut maps = FakeMaps::default();
         let mut state = ebpf::state::State::new(ebpf::maglev::DEFAULT_TABLE_SIZE);
         state.full(planner.plan(), &cfg, &mut maps).expect("in-memory maps cannot fail");
