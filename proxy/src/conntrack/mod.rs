@@ -243,30 +243,17 @@ mod tests {
 
     /// `dns` 53/UDP on 10.96.0.10.
     fn udp_port(endpoints: Vec<SocketAddr>) -> crate::plan::ServicePortPlan {
-        crate::plan::ServicePortPlan {
-            name: crate::model::ServicePortName {
-                service: crate::model::ServiceKey::new("e2e", "dns"),
-                port: "dns".into(),
-                protocol: crate::model::Protocol::Udp,
-            },
-            family: IpFamily::V4,
+        let name = crate::model::ServicePortName {
+            service: crate::model::ServiceKey::new("e2e", "dns"),
+            port: "dns".into(),
             protocol: crate::model::Protocol::Udp,
-            cluster_ip: "10.96.0.10".parse().expect("an IP"),
-            port: 53,
-            node_port: None,
-            external_ips: Vec::new(),
-            load_balancer_ips: Vec::new(),
-            source_ranges: Vec::new(),
-            internal_policy_local: false,
-            external_policy_local: false,
-            health_check_node_port: None,
-            affinity_timeout: None,
-            has_endpoints: !endpoints.is_empty(),
-            cluster_endpoints: endpoints,
-            local_endpoints: Vec::new(),
-            hairpin_ips: Vec::new(),
-            serving_endpoints: Vec::new(),
-        }
+        };
+        crate::plan::ServicePortPlan::cluster_ip_only(
+            name,
+            "10.96.0.10".parse().expect("an IP"),
+            53,
+            endpoints,
+        )
     }
 
     /// 10.0.1.10:8053 left `dns`; 10.0.1.11:8053 stays.

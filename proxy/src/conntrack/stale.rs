@@ -303,31 +303,17 @@ mod tests {
 
     /// `dns` 53/UDP of e2e/svc on ClusterIP 10.96.0.10, endpoints on 8053.
     fn udp_port(endpoints: &[&str]) -> ServicePortPlan {
-        let eps: Vec<SocketAddr> = endpoints.iter().map(|e| sa(e)).collect();
-        ServicePortPlan {
-            name: ServicePortName {
-                service: ServiceKey::new("e2e", "svc"),
-                port: "dns".into(),
-                protocol: Protocol::Udp,
-            },
-            family: IpFamily::V4,
+        let name = ServicePortName {
+            service: ServiceKey::new("e2e", "svc"),
+            port: "dns".into(),
             protocol: Protocol::Udp,
-            cluster_ip: ip("10.96.0.10"),
-            port: 53,
-            node_port: None,
-            external_ips: Vec::new(),
-            load_balancer_ips: Vec::new(),
-            source_ranges: Vec::new(),
-            internal_policy_local: false,
-            external_policy_local: false,
-            health_check_node_port: None,
-            affinity_timeout: None,
-            has_endpoints: !eps.is_empty(),
-            cluster_endpoints: eps,
-            local_endpoints: Vec::new(),
-            hairpin_ips: Vec::new(),
-            serving_endpoints: Vec::new(),
-        }
+        };
+        let eps = endpoints.iter().map(|e| sa(e)).collect();
+        let mut p = ServicePortPlan::cluster_ip_only(name, ip("10.96.0.10"), 53, eps);
+        // The cases stand for endpoints going away by editing `cluster_endpoints`; none of
+        // them may still count as serving.
+        p.serving_endpoints.clear();
+        p
     }
 
     fn exposed(mut p: ServicePortPlan) -> ServicePortPlan {

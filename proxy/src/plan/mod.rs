@@ -109,6 +109,36 @@ pub struct ServicePortPlan {
 }
 
 impl ServicePortPlan {
+    /// The plan of the simplest service port: a ClusterIP only, Cluster policies, every one of
+    /// `endpoints` ready. The starting point of backend tests, which change what they need.
+    pub fn cluster_ip_only(
+        name: ServicePortName,
+        cluster_ip: IpAddr,
+        port: u16,
+        endpoints: Vec<SocketAddr>,
+    ) -> Self {
+        Self {
+            protocol: name.protocol,
+            name,
+            family: IpFamily::of(&cluster_ip),
+            cluster_ip,
+            port,
+            node_port: None,
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            source_ranges: Vec::new(),
+            internal_policy_local: false,
+            external_policy_local: false,
+            health_check_node_port: None,
+            affinity_timeout: None,
+            has_endpoints: !endpoints.is_empty(),
+            local_endpoints: Vec::new(),
+            hairpin_ips: Vec::new(),
+            serving_endpoints: endpoints.clone(),
+            cluster_endpoints: endpoints,
+        }
+    }
+
     /// Endpoints for traffic to the ClusterIP.
     pub fn internal_endpoints(&self) -> &[SocketAddr] {
         if self.internal_policy_local { &self.local_endpoints } else { &self.cluster_endpoints }

@@ -8,35 +8,17 @@ use proxy_common::{EndpointKey, FrontendKey, frontend, protocol};
 
 use super::maps::{FakeMaps, MapTable};
 use super::state::State;
-use crate::model::{IpFamily, Protocol, ServiceKey, ServicePortName};
+use crate::model::{Protocol, ServiceKey, ServicePortName};
 use crate::plan::{NodeConfig, Plan, PlanDiff, PortKey, ServicePortPlan};
 
 fn port(name: &str, ip: &str, endpoints: &[&str]) -> ServicePortPlan {
     let eps: Vec<SocketAddr> = endpoints.iter().map(|e| e.parse().expect("endpoint")).collect();
-    ServicePortPlan {
-        name: ServicePortName {
-            service: ServiceKey { namespace: "default".into(), name: name.into() },
-            port: String::new(),
-            protocol: Protocol::Tcp,
-        },
-        family: IpFamily::V4,
+    let name = ServicePortName {
+        service: ServiceKey { namespace: "default".into(), name: name.into() },
+        port: String::new(),
         protocol: Protocol::Tcp,
-        cluster_ip: ip.parse().expect("ip"),
-        port: 80,
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        source_ranges: vec![],
-        internal_policy_local: false,
-        external_policy_local: false,
-        health_check_node_port: None,
-        affinity_timeout: None,
-        cluster_endpoints: eps.clone(),
-        local_endpoints: vec![],
-        has_endpoints: !eps.is_empty(),
-        hairpin_ips: vec![],
-        serving_endpoints: Vec::new(),
-    }
+    };
+    ServicePortPlan::cluster_ip_only(name, ip.parse().expect("ip"), 80, eps)
 }
 
 fn plan(ports: &[ServicePortPlan]) -> Plan {

@@ -27,31 +27,12 @@ fn ip(s: &str) -> IpAddr {
 
 fn port(name: &str, cluster_ip: &str, endpoints: &[&str]) -> ServicePortPlan {
     let eps: Vec<SocketAddr> = endpoints.iter().map(|e| sa(e)).collect();
-    let cluster_ip = ip(cluster_ip);
-    ServicePortPlan {
-        name: ServicePortName {
-            service: SvcKey { namespace: "default".into(), name: name.into() },
-            port: String::new(),
-            protocol: Protocol::Tcp,
-        },
-        family: IpFamily::of(&cluster_ip),
+    let name = ServicePortName {
+        service: SvcKey { namespace: "default".into(), name: name.into() },
+        port: String::new(),
         protocol: Protocol::Tcp,
-        cluster_ip,
-        port: 80,
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        source_ranges: vec![],
-        internal_policy_local: false,
-        external_policy_local: false,
-        health_check_node_port: None,
-        affinity_timeout: None,
-        cluster_endpoints: eps.clone(),
-        local_endpoints: vec![],
-        has_endpoints: !eps.is_empty(),
-        hairpin_ips: vec![],
-        serving_endpoints: eps,
-    }
+    };
+    ServicePortPlan::cluster_ip_only(name, ip(cluster_ip), 80, eps)
 }
 
 fn key(p: &ServicePortPlan) -> PortKey {
