@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -291,11 +291,7 @@ fn is_retry(e: &io::Error) -> bool {
 }
 
 fn tcp_exchange(source: Option<SocketAddr>, target: SocketAddr, timeout: Duration) -> io::Result<String> {
-    let family = match target {
-        SocketAddr::V4(_) => AddressFamily::Inet,
-        SocketAddr::V6(_) => AddressFamily::Inet6,
-    };
-    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    let fd = socket(family_of(target), SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     // connect() honours SO_SNDTIMEO (failing with EINPROGRESS), reads SO_RCVTIMEO.
     setsockopt(&fd, sockopt::SendTimeout, &timeval(timeout))?;
     setsockopt(&fd, sockopt::ReceiveTimeout, &timeval(timeout))?;
@@ -313,17 +309,29 @@ fn tcp_exchange(source: Option<SocketAddr>, target: SocketAddr, timeout: Duratio
 }
 
 fn udp_exchange(source: Option<SocketAddr>, target: SocketAddr, timeout: Duration) -> io::Result<String> {
-    let any: IpAddr = match target {
-        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
-        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
-    };
-    let socket = UdpSocket::bind(source.unwrap_or(SocketAddr::new(any, 0)))?;
+    let fd = socket(family_of(target), SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    if let Some(source) = source {
+        // A caller reusing the source port of its previous request may find that socket still
+        // open: a process another test thread forked in the meantime holds a copy of every fd
+        // until its exec closes them. Both sockets carry SO_REUSEADDR, so the bind succeeds;
+        // the replies still reach this one, the only socket connected to `target`.
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(source))?;
+    }
+    let socket = UdpSocket::from(fd);
     socket.connect(target)?;
     socket.set_read_timeout(Some(nonzero(timeout)))?;
     socket.send(b"who\n")?;
     let mut buf = [0u8; MAX_REPLY as usize];
     let n = socket.recv(&mut buf).map_err(|e| normalize(e, timeout))?;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn family_of(target: SocketAddr) -> AddressFamily {
+    match target {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    }
 }
 
 fn normalize(e: io::Error, timeout: Duration) -> io::Error {
