@@ -715,7 +715,7 @@ fn assert_backend_state_gone(fx: &Fixture) {
             let pins = bpffs.join("ferry");
             assert!(!pins.exists(), "pins left under {}", pins.display());
             for iface in ["eth0", "client", "pod0", "pod1"] {
-                let left = common::backend::tcx_programs(&fx.cluster.node.ns, iface);
+                let left = common::backend::tc_programs(&fx.cluster.node.ns, iface);
                 assert!(left.is_empty(), "TC programs left on {iface}: {left:?}");
             }
         }

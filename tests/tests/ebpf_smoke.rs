@@ -4,8 +4,8 @@
 //! parse errors.
 //!
 //! Runs as root (`cargo xtask test`); everything it creates lives in the sandbox's namespaces
-//! (the program is attached with TCX to the node namespace's `eth0`, no pins) and goes away
-//! with them.
+//! (the program is attached to the node namespace's `eth0` with TCX, or a cls_bpf filter before
+//! kernel 6.6; no pins) and goes away with them.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
@@ -15,7 +15,7 @@ use std::{
 use aya::{
     Ebpf,
     maps::{HashMap, PerCpuArray},
-    programs::{SchedClassifier, TcAttachType},
+    programs::{SchedClassifier, TcAttachType, tc},
 };
 use ferry_sandbox::{Netns, Sandbox};
 use proxy_common::{FrontendKey, FrontendValue, Stat, maps, programs, protocol};
@@ -106,7 +106,10 @@ fn load_and_attach(ns: &Netns, iface: &str) -> Ebpf {
             .try_into()
             .expect("it is a TC classifier");
         program.load().expect("the verifier accepts the program");
-        program.attach(iface, TcAttachType::Ingress).expect("attach to ingress (TCX)");
+        // aya attaches with TCX from kernel 6.6 on and with a cls_bpf filter before, which
+        // needs the clsact qdisc; TCX ignores it.
+        tc::qdisc_add_clsact(iface).expect("add the clsact qdisc");
+        program.attach(iface, TcAttachType::Ingress).expect("attach to ingress (TCX or cls_bpf)");
         ebpf
     })
     .expect("run in the node namespace")

@@ -18,11 +18,12 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use ebpf_common::{Bpffs, PortPlan, plan_of};
+use ebpf_common::{Bpffs, PortPlan, plan_of, tc_programs};
 use ferry_sandbox::{Cluster, ClusterSpec, Netns, Proto, Reply, Sandbox};
 use proxy::backend::Backend;
-use proxy::backend::ebpf::{EbpfBackend, EbpfOptions};
+use proxy::backend::ebpf::{EbpfBackend, EbpfOptions, TcAttach};
 use proxy::plan::{NodeConfig, Plan};
+use proxy_common::programs;
 
 const PORT: u16 = 8080;
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -68,6 +69,10 @@ struct Env {
 }
 
 fn env(test: &str) -> Env {
+    env_with(test, TcAttach::Auto)
+}
+
+fn env_with(test: &str, tc_attach: TcAttach) -> Env {
     let sb = Sandbox::new(test).expect("sandbox (kernel tests run as root)");
     let cluster =
         Cluster::build(&sb, &ClusterSpec { local_pods: 2, remote_pods: 1, responder_port: Some(PORT) })
@@ -78,6 +83,7 @@ fn env(test: &str) -> Env {
         bpffs: fs.path().to_path_buf(),
         cgroup_path: Some(cgroup.0.clone()),
         netns: Some(cluster.node.ns.name().to_owned()),
+        tc_attach,
         ..EbpfOptions::default()
     })
     .expect("backend");
@@ -241,6 +247,50 @@ fn processes_of_the_node_reach_a_cluster_ip_through_the_socket_programs() {
 #[test]
 fn a_restarted_backend_adopts_the_pinned_data_path_and_an_established_connection_survives() {
     let mut e = env("ebpf_restart");
+    restart_keeps_an_established_connection(&mut e);
+}
+
+/// Kernels before 6.6 have no TCX: there the programs sit in cls_bpf filters on the clsact
+/// qdisc (`--tc-attach=netlink`, what `auto` picks on such kernels). The filters, not ferry,
+/// hold the programs; a restart replaces the program in the same filter; a switch of hook
+/// leaves one attachment, not two; cleanup deletes the filters.
+#[test]
+fn on_the_netlink_hook_a_restart_replaces_the_filters_program_and_cleanup_deletes_the_filters() {
+    let mut e = env_with("ebpf_netlink", TcAttach::Netlink);
+    let node = e.cluster.node.ns.clone();
+    // Program names as each listing shows them (TCX: the kernel's, cut to 15 characters).
+    let filters =
+        vec![format!("cls_bpf:{}", programs::TC_INGRESS), format!("cls_bpf:{}", programs::TC_EGRESS)];
+    let links: Vec<String> =
+        [programs::TC_INGRESS, programs::TC_EGRESS].iter().map(|p| format!("tcx:{:.15}", p)).collect();
+    let plan = restart_keeps_an_established_connection(&mut e);
+    // One filter per direction after two full syncs: replaced, not added.
+    for iface in ["eth0", "client", "pod0", "pod1"] {
+        assert_eq!(tc_programs(&node, iface), filters, "programs on {iface}");
+    }
+
+    // A restart with the other hook moves the programs; nothing is left on the first one.
+    let tcx = EbpfOptions { tc_attach: TcAttach::Tcx, ..e.backend.options().clone() };
+    drop(std::mem::replace(&mut e.backend, EbpfBackend::new(tcx).expect("backend")));
+    e.sync(&plan);
+    assert_eq!(tc_programs(&node, "eth0"), links, "after switching to TCX");
+    let netlink = EbpfOptions { tc_attach: TcAttach::Netlink, ..e.backend.options().clone() };
+    drop(std::mem::replace(&mut e.backend, EbpfBackend::new(netlink).expect("backend")));
+    e.sync(&plan);
+    assert_eq!(tc_programs(&node, "eth0"), filters, "after switching back to netlink");
+
+    e.backend.cleanup().expect("cleanup");
+    for iface in ["eth0", "client", "pod0", "pod1"] {
+        assert_eq!(tc_programs(&node, iface), Vec::<String>::new(), "programs left on {iface}");
+    }
+    let target: SocketAddr = "10.96.0.30:90".parse().expect("addr");
+    let after = e.cluster.client.ns.tcp_request(target, TIMEOUT);
+    assert!(after.is_err(), "the service is gone with the filters: {after:?}");
+}
+
+/// A connection to a ClusterIP keeps working while the backend is dropped and a new one
+/// adopts what the first left in the kernel.
+fn restart_keeps_an_established_connection(e: &mut Env) -> Plan {
     // A long-lived echo server on pod0.
     let pod0 = e.cluster.pods[0].clone();
     let echo_addr = SocketAddr::new(pod0.ip4.into(), 9000);
@@ -284,4 +334,5 @@ fn a_restarted_backend_adopts_the_pinned_data_path_and_an_established_connection
     echo("after the restart");
     // Only the node-wide entries a fresh state rewrites; no set or frontend is touched.
     assert_eq!(operations, 0, "the restarted backend adopts what is pinned");
+    plan
 }

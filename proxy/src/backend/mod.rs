@@ -54,6 +54,8 @@ pub struct BackendOptions {
     /// eBPF (`--interfaces`): interfaces for the TC programs; empty: all but `lo`, rescanned
     /// at every sync.
     pub interfaces: Vec<String>,
+    /// eBPF (`--tc-attach`): TCX links or netlink cls_bpf filters; Auto: by kernel version.
+    pub tc_attach: ebpf::TcAttach,
     /// eBPF: map capacities.
     pub ebpf_map_sizes: ebpf::MapSizes,
     /// eBPF: Maglev table size, a prime ≤ 65,537; None: 65,537.

@@ -62,6 +62,10 @@ pub struct RunArgs {
     /// every sync].
     #[arg(long, value_name = "IF", value_delimiter = ',')]
     pub interfaces: Vec<String>,
+    /// eBPF: the kernel hook of the TC programs: tcx (kernel 6.6+), netlink (cls_bpf on a
+    /// clsact qdisc, any kernel) or auto (tcx where the kernel has it).
+    #[arg(long, value_enum, value_name = "HOOK", default_value = "auto")]
+    pub tc_attach: ebpf::TcAttach,
     /// eBPF: the bpffs ferry pins its maps and links under, mounted when nothing is there
     /// [default: /sys/fs/bpf].
     #[arg(long, value_name = "DIR")]
@@ -194,6 +198,7 @@ pub fn resolve(
         bpffs: args.bpffs.clone(),
         cgroup_path,
         interfaces: args.interfaces.clone(),
+        tc_attach: args.tc_attach,
         ipvs_scheduler: args.ipvs_scheduler.clone().or_else(|| file.ipvs_scheduler.clone()),
         ..BackendOptions::default()
     };

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry_sandbox::{Netns, Proto};
+use ferry_sandbox::Proto;
 use proxy::backend::ebpf::MapSizes;
 use proxy::backend::ebpf::kernel::KernelMaps;
 use proxy::backend::ebpf::maps::{DataPathMaps, addr16, ip_of};
@@ -15,7 +15,11 @@ use proxy_common::{FrontendKey, protocol};
 
 #[path = "../ebpf_common/bpffs.rs"]
 mod bpffs;
+#[path = "../ebpf_common/tc.rs"]
+mod tc;
 pub use bpffs::Bpffs;
+#[allow(unused_imports, reason = "not every test binary lists TC programs")]
+pub use tc::tc_programs;
 
 /// The data plane under test: the one place a suite names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,20 +200,4 @@ pub fn ebpf_delete_frontend(bpffs: &Path, ip: IpAddr, port: u16, proto: Proto) {
     let present = maps.services().keys().expect("listing SERVICES").contains(&key);
     assert!(present, "no SERVICES entry for {ip}:{port}/{proto}");
     maps.services().del(&key).unwrap_or_else(|e| panic!("deleting {ip}:{port} from SERVICES: {e}"));
-}
-
-/// The names of the TCX programs attached to `iface` (both directions) in `ns`.
-pub fn tcx_programs(ns: &Netns, iface: &str) -> Vec<String> {
-    use aya::programs::{SchedClassifier, TcAttachType};
-    let iface = iface.to_owned();
-    ns.run(move || {
-        let mut names = Vec::new();
-        for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
-            let (_, progs) = SchedClassifier::query_tcx(&iface, dir)
-                .unwrap_or_else(|e| panic!("querying the TCX programs of {iface}: {e}"));
-            names.extend(progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()));
-        }
-        names
-    })
-    .unwrap_or_else(|e| panic!("entering {ns}: {e}"))
 }

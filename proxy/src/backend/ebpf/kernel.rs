@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use aya::programs::links::{CgroupAttachMode, FdLink, LinkError, PinnedLink};
-use aya::programs::tc::TcAttachOptions;
+use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle};
 use aya::programs::{CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
@@ -20,8 +20,8 @@ use proxy_common::{
     MaglevTable, RevNatValue, SockKey, SourceRangeKey, Stat, maps as m, programs,
 };
 
-use super::MapSizes;
 use super::maps::{Cidr, DataPathMaps, MapError, MapTable, SourceRange};
+use super::{MapSizes, TcHook};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -176,46 +176,99 @@ impl Kernel {
     }
 
     /// Attaches the TC programs to `iface` (ingress and egress) in the calling thread's
-    /// namespace, replacing the program of an existing pinned link atomically.
-    pub fn attach_tc(&mut self, iface: &str) -> Result<(), KernelError> {
-        for (name, attach, dir) in [
-            (programs::TC_INGRESS, TcAttachType::Ingress, "ingress"),
-            (programs::TC_EGRESS, TcAttachType::Egress, "egress"),
-        ] {
-            let pin = self.link_pin(iface, dir);
-            let prog: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| setup_msg(name, "missing from the object"))?
-                .try_into()
-                .map_err(|e| setup(name, e))?;
-            let replaced = match PinnedLink::from_pin(&pin) {
-                Ok(old) => {
-                    let link = FdLink::from(old).try_into().map_err(|e: LinkError| setup("link", e))?;
-                    match prog.attach_to_link(link) {
-                        Ok(id) => {
-                            // The pin keeps the link; dropping our handle leaves it attached.
-                            let _ = prog.take_link(id);
-                            true
-                        }
-                        Err(_) => {
-                            // A link of a deleted interface of the same name: start afresh.
-                            let _ = std::fs::remove_file(&pin);
-                            false
-                        }
-                    }
+    /// namespace through `hook`, replacing the program of ferry's existing attachment
+    /// atomically, and removes an attachment ferry left there through the other hook.
+    pub fn attach_tc(&mut self, iface: &str, hook: TcHook) -> Result<(), KernelError> {
+        for (name, attach, dir) in TC_PROGRAMS {
+            match hook {
+                TcHook::Tcx => {
+                    self.attach_tcx(iface, name, attach, dir)?;
+                    // A filter from a run with --tc-attach=netlink would translate twice.
+                    detach_filter(iface, name, attach)?;
                 }
-                Err(_) => false,
-            };
-            if !replaced {
-                let id = prog
-                    .attach_with_options(iface, attach, TcAttachOptions::TcxOrder(LinkOrder::default()))
-                    .map_err(|e| setup(format!("attaching {name} to {iface}"), e))?;
-                let link = prog.take_link(id).map_err(|e| setup("link", e))?;
-                let fd: FdLink = link.try_into().map_err(|e: LinkError| setup("link", e))?;
-                fd.pin(&pin).map_err(|e| setup(format!("pinning {}", pin.display()), e))?;
+                TcHook::Netlink => {
+                    self.attach_filter(iface, name, attach)?;
+                    // Unpinning releases the TCX link of a run with --tc-attach=tcx.
+                    let _ = std::fs::remove_file(self.link_pin(iface, dir));
+                }
             }
         }
+        Ok(())
+    }
+
+    fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier, KernelError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or_else(|| setup_msg(name, "missing from the object"))?
+            .try_into()
+            .map_err(|e| setup(name, e))
+    }
+
+    /// TCX: a link pinned per interface and direction; a restart updates the program inside
+    /// the pinned link.
+    fn attach_tcx(
+        &mut self,
+        iface: &str,
+        name: &str,
+        attach: TcAttachType,
+        dir: &str,
+    ) -> Result<(), KernelError> {
+        let pin = self.link_pin(iface, dir);
+        let prog = self.classifier(name)?;
+        let replaced = match PinnedLink::from_pin(&pin) {
+            Ok(old) => {
+                let link = FdLink::from(old).try_into().map_err(|e: LinkError| setup("link", e))?;
+                match prog.attach_to_link(link) {
+                    Ok(id) => {
+                        // The pin keeps the link; dropping our handle leaves it attached.
+                        let _ = prog.take_link(id);
+                        true
+                    }
+                    Err(_) => {
+                        // A link of a deleted interface of the same name: start afresh.
+                        let _ = std::fs::remove_file(&pin);
+                        false
+                    }
+                }
+            }
+            Err(_) => false,
+        };
+        if !replaced {
+            let id = prog
+                .attach_with_options(iface, attach, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(|e| setup(format!("attaching {name} to {iface} (TCX)"), e))?;
+            let link = prog.take_link(id).map_err(|e| setup("link", e))?;
+            let fd: FdLink = link.try_into().map_err(|e: LinkError| setup("link", e))?;
+            fd.pin(&pin).map_err(|e| setup(format!("pinning {}", pin.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Netlink: a cls_bpf filter at ferry's priority and handle on the clsact qdisc. The
+    /// filter, not this process, holds the program, so the data path outlives ferry; a restart
+    /// replaces the program of the same filter in one netlink request.
+    fn attach_filter(&mut self, iface: &str, name: &str, attach: TcAttachType) -> Result<(), KernelError> {
+        let prog = self.classifier(name)?;
+        let ours = SchedClassifierLink::attached(iface, attach, FILTER_PRIORITY, FILTER_HANDLE, None)
+            .map_err(|e| setup(format!("looking up {iface}"), e))?;
+        // Without NLM_F_CREATE the kernel only replaces: ENOENT when there is no filter yet.
+        let id = match prog.attach_to_link(ours) {
+            Ok(id) => id,
+            Err(replace) => {
+                let qdisc = tc::qdisc_add_clsact(iface);
+                let options = NlOptions { priority: FILTER_PRIORITY, handle: FILTER_HANDLE, classid: None };
+                prog.attach_with_options(iface, attach, TcAttachOptions::Netlink(options)).map_err(|e| {
+                    setup_msg(
+                        format!("attaching {name} to {iface} (netlink cls_bpf)"),
+                        &format!("{e:?}; replacing: {replace:?}; adding clsact: {qdisc:?}"),
+                    )
+                })?
+            }
+        };
+        let link = prog.take_link(id).map_err(|e| setup("link", e))?;
+        // Dropping the link would delete the filter; it must stay when ferry exits or
+        // restarts. `ferry cleanup` deletes it by name (detach_filters).
+        std::mem::forget(link);
         Ok(())
     }
 
@@ -275,6 +328,38 @@ fn pinned_interfaces(pins: &Path) -> Vec<String> {
         .collect();
     out.sort();
     out
+}
+
+/// ferry's TC programs: (program, hook direction, pin suffix).
+const TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    (programs::TC_INGRESS, TcAttachType::Ingress, "ingress"),
+    (programs::TC_EGRESS, TcAttachType::Egress, "egress"),
+];
+
+/// Where ferry's cls_bpf filters sit on the clsact qdisc: first (priority 1), under a handle of
+/// their own, so a restart finds them and filters of other tools are never touched.
+const FILTER_PRIORITY: u16 = 1;
+const FILTER_HANDLE: TcHandle = TcHandle::new(0, 0xfe);
+
+/// Deletes ferry's cls_bpf filter (found by program name) of one direction of `iface`.
+fn detach_filter(iface: &str, name: &str, attach: TcAttachType) -> Result<bool, KernelError> {
+    match tc::qdisc_detach_program(iface, attach, name) {
+        Ok(()) => Ok(true),
+        Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(setup(format!("detaching {name} from {iface}"), e)),
+    }
+}
+
+/// Deletes ferry's cls_bpf filters from every interface of the calling thread's namespace;
+/// returns how many there were. The clsact qdiscs stay: other tools may use them.
+pub fn detach_filters() -> Result<usize, KernelError> {
+    let mut detached = 0;
+    for iface in interfaces() {
+        for (name, attach, _) in TC_PROGRAMS {
+            detached += usize::from(detach_filter(&iface, name, attach)?);
+        }
+    }
+    Ok(detached)
 }
 
 /// Removes every pin under `<bpffs>/ferry`: links (detaching the programs) and maps. What the

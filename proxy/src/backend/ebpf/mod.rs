@@ -19,6 +19,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use aya::util::KernelVersion;
 use proxy_common::{Stat, mark};
 use tracing::{debug, info, warn};
 
@@ -82,6 +83,39 @@ impl MapSizes {
     }
 }
 
+/// Which kernel hook carries the TC programs (`--tc-attach`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TcAttach {
+    /// TCX on kernels that have it (6.6 and later), netlink cls_bpf before.
+    #[default]
+    Auto,
+    /// TCX links (`bpf_link`, kernel 6.6+), pinned under `<bpffs>/ferry/links`.
+    Tcx,
+    /// cls_bpf filters on the interface's clsact qdisc, through netlink (any kernel).
+    Netlink,
+}
+
+/// The hook [`TcAttach`] resolved to on the running kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcHook {
+    Tcx,
+    Netlink,
+}
+
+impl TcAttach {
+    pub fn resolve(self) -> TcHook {
+        match self {
+            Self::Tcx => TcHook::Tcx,
+            Self::Netlink => TcHook::Netlink,
+            // The same test aya's own attach() makes: TCX arrived in 6.6.
+            Self::Auto => match KernelVersion::current() {
+                Ok(v) if v >= KernelVersion::new(6, 6, 0) => TcHook::Tcx,
+                _ => TcHook::Netlink,
+            },
+        }
+    }
+}
+
 /// What the eBPF backend needs besides the plan.
 #[derive(Debug, Clone)]
 pub struct EbpfOptions {
@@ -92,6 +126,7 @@ pub struct EbpfOptions {
     /// Interfaces to attach the TC programs to; empty: every interface but `lo`, rescanned at
     /// each sync (new pod veths are picked up with the endpoint change that brings them).
     pub interfaces: Vec<String>,
+    pub tc_attach: TcAttach,
     pub map_sizes: MapSizes,
     /// Maglev table size, a prime ≤ 65,537.
     pub maglev_table_size: u32,
@@ -106,6 +141,7 @@ impl Default for EbpfOptions {
             bpffs: PathBuf::from("/sys/fs/bpf"),
             cgroup_path: None,
             interfaces: Vec::new(),
+            tc_attach: TcAttach::Auto,
             map_sizes: MapSizes::default(),
             maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
             netns: None,
@@ -120,6 +156,7 @@ impl From<&super::BackendOptions> for EbpfOptions {
             bpffs: o.bpffs.clone().unwrap_or(defaults.bpffs),
             cgroup_path: o.cgroup_path.clone(),
             interfaces: o.interfaces.clone(),
+            tc_attach: o.tc_attach,
             map_sizes: o.ebpf_map_sizes.clone(),
             maglev_table_size: o.maglev_table_size.unwrap_or(defaults.maglev_table_size),
             netns: o.netns.clone(),
@@ -226,6 +263,7 @@ impl EbpfBackend {
     fn attach(&mut self, full: bool) -> Result<(), EbpfError> {
         let wanted = self.options.interfaces.clone();
         let netns = self.options.netns.clone();
+        let hook = self.options.tc_attach.resolve();
         let mut attached = if full { BTreeSet::new() } else { self.attached.clone() };
         let kernel = self.kernel()?;
         let result =
@@ -239,14 +277,14 @@ impl EbpfBackend {
                 attached.retain(|i| present.contains(i));
                 for iface in targets {
                     if !attached.contains(&iface) {
-                        kernel.attach_tc(&iface)?;
+                        kernel.attach_tc(&iface, hook)?;
                         attached.insert(iface);
                     }
                 }
                 Ok(attached)
             })??;
         if result != self.attached {
-            info!(interfaces = ?result, "eBPF TC programs attached");
+            info!(interfaces = ?result, ?hook, "eBPF TC programs attached");
         }
         self.attached = result;
         if !self.cgroup_attached
@@ -445,6 +483,14 @@ impl Backend for EbpfBackend {
         let bpffs = self.options.bpffs.clone();
         if is_bpffs_with_pins(&bpffs) {
             kernel::remove_pins(&bpffs).map_err(|e| BackendError::Ebpf(e.into()))?;
+        }
+        // Filters hold their programs themselves (no pin): delete them whatever the hook of
+        // this run, since an earlier run may have used the other one.
+        let filters = kernel::in_netns(self.options.netns.as_deref(), kernel::detach_filters)
+            .and_then(|r| r)
+            .map_err(|e| BackendError::Ebpf(e.into()))?;
+        if filters > 0 {
+            info!(filters, "eBPF cls_bpf filters deleted");
         }
         self.nft
             .apply(&format!("add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"))
