@@ -45,15 +45,18 @@ pub const DEFAULT_SUITES: &[&str] = &[
 ];
 
 /// The suites `cargo xtask test` runs in the VM after the host tests: IPVS, which only the VM
-/// has, the shared e2e suite with nftables on 6.1, and the eBPF programs through the 6.1
+/// has, the shared e2e suite with nftables and eBPF on 6.1 (eBPF there attaches through
+/// netlink cls_bpf filters: no TCX before 6.6), and the eBPF programs through the 6.1
 /// verifier, leaving out the per-packet timing bound, which emulation cannot meet
-/// (docs/vm.md). The eBPF e2e cases need TCX (6.6+) and are not run here. About 12 minutes
-/// under TCG.
+/// (docs/vm.md). About 17 minutes under TCG.
 pub const CI_SUITES: &[&str] = &[
     "ipvs_kernel --include-ignored",
     "e2e --include-ignored ipvs::",
     "e2e nftables::",
+    "e2e ebpf::",
     "ebpf_datapath --skip a_program_run_costs_little_with_ten_thousand_services",
+    "ebpf_smoke",
+    "ebpf_traffic",
 ];
 
 /// Checks that the guest is what the tests expect, before any suite runs.
