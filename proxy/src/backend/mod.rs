@@ -5,7 +5,7 @@ pub mod ebpf;
 pub mod ipvs;
 pub mod nftables;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::plan::{NodeConfig, Plan, PlanDiff};
 
@@ -25,6 +25,23 @@ pub struct SyncReport {
     pub operations: usize,
     #[serde(skip)]
     pub duration: Duration,
+}
+
+impl SyncReport {
+    /// Runs one sync's `work` and times it. The caller stays in sync only on success: after
+    /// a failure its next sync must be a full one, rewriting whatever this one left
+    /// half-applied.
+    pub(crate) fn run<E: std::fmt::Display>(
+        backend: &str,
+        full: bool,
+        work: impl FnOnce() -> Result<usize, E>,
+    ) -> Result<Self, E> {
+        let start = Instant::now();
+        let operations = work().inspect_err(|e| {
+            tracing::warn!(full, "{backend} sync failed; the next sync is a full one: {e}");
+        })?;
+        Ok(Self { full, operations, duration: start.elapsed() })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -17,7 +17,6 @@ pub mod state;
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use aya::util::KernelVersion;
 use proxy_common::{Stat, mark};
@@ -448,19 +447,10 @@ impl Backend for EbpfBackend {
         diff: Option<&PlanDiff>,
         config: &NodeConfig,
     ) -> Result<SyncReport, BackendError> {
-        let start = Instant::now();
         let full = !self.in_sync || diff.is_none();
-        match self.do_sync(plan, diff, config, full) {
-            Ok(operations) => {
-                self.in_sync = true;
-                Ok(SyncReport { full, operations, duration: start.elapsed() })
-            }
-            Err(e) => {
-                warn!(full, "eBPF sync failed; the next sync re-applies everything: {e}");
-                self.in_sync = false;
-                Err(BackendError::Ebpf(e))
-            }
-        }
+        let report = SyncReport::run("eBPF", full, || self.do_sync(plan, diff, config, full));
+        self.in_sync = report.is_ok();
+        Ok(report?)
     }
 
     /// The maps as the kernel holds them, read back through their pins (a handle of its own:

@@ -25,9 +25,8 @@ pub mod sysctl;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
 
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::nftables::{NftCommand, NftError, NftRunner};
 use super::{Backend, BackendError, SyncReport};
@@ -416,25 +415,16 @@ impl Backend for IpvsBackend {
         diff: Option<&PlanDiff>,
         config: &NodeConfig,
     ) -> Result<SyncReport, BackendError> {
-        let start = Instant::now();
         let config_changed = self.last_config.as_ref() != Some(config);
         let full = !self.in_sync || config_changed || diff.is_none_or(|d| d.service_cidrs_changed);
-        let result = match diff {
+        let report = SyncReport::run("IPVS", full, || match diff {
             Some(d) if !full => self.partial_sync(d, plan, config),
             _ => self.full_sync(plan, config),
-        };
-        match result {
-            Ok(operations) => {
-                self.in_sync = true;
-                self.last_config = Some(config.clone());
-                Ok(SyncReport { full, operations, duration: start.elapsed() })
-            }
-            Err(e) => {
-                warn!(full, "IPVS sync failed; the next sync reconciles everything: {e}");
-                self.in_sync = false;
-                Err(e.into())
-            }
-        }
+        });
+        self.in_sync = report.is_ok();
+        let report = report?;
+        self.last_config = Some(config.clone());
+        Ok(report)
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {

@@ -317,13 +317,17 @@ impl ServiceAddresses for Shared<FakeAddresses> {
     }
 }
 
-/// Records the scripts given to nft.
+/// Records the scripts given to nft; rejects the next one while the flag is set.
 #[derive(Default)]
-struct Scripts(Vec<String>);
+struct Scripts(Vec<String>, bool);
 
 impl NftRunner for Shared<Scripts> {
     fn apply(&mut self, script: &str) -> Result<(), NftError> {
-        self.get().0.push(script.to_owned());
+        let mut scripts = self.get();
+        if std::mem::take(&mut scripts.1) {
+            return Err(NftError::Rejected { stderr: "injected failure".into() });
+        }
+        scripts.0.push(script.to_owned());
         Ok(())
     }
     fn list_json(&mut self, _args: &[&str]) -> Result<String, NftError> {
@@ -417,6 +421,29 @@ fn a_partial_sync_touches_only_the_changed_endpoint() {
     );
     assert!(rig.nft.get().0.is_empty(), "no table change");
     assert_eq!(report.operations, 2);
+}
+
+#[test]
+fn after_a_failed_sync_the_next_one_is_full_even_with_a_diff() {
+    let mut rig = Rig::new();
+    let p1 = plan(&[port("web", "10.96.0.10", &["10.0.1.10:8080"])]);
+    rig.sync(&p1, None);
+    // Losing its endpoints turns the service into a REJECT element: a table change, refused.
+    let p2 = plan(&[port("web", "10.96.0.10", &[])]);
+    rig.nft.get().1 = true;
+    let failed = rig.backend.sync(&p2, Some(&PlanDiff::between(&p1, &p2)), &config());
+    assert!(failed.is_err(), "the injected nft failure fails the sync");
+
+    // What the failed sync left half-done is unknown: the next sync rewrites everything.
+    let p3 = plan(&[port("web", "10.96.0.10", &["10.0.1.11:8080"])]);
+    let report = rig.sync(&p3, Some(&PlanDiff::between(&p2, &p3)));
+    assert!(report.full, "the sync after a failure is full");
+    assert_eq!(
+        rig.ipvs.get().dump(),
+        "-A -t 10.96.0.10:80 -s rr\n-a -t 10.96.0.10:80 -r 10.0.1.11:8080 -m -w 1\n"
+    );
+    let again = rig.sync(&p3, Some(&PlanDiff::between(&p3, &p3)));
+    assert!(!again.full, "and the one after it is partial again");
 }
 
 #[test]

@@ -8,9 +8,8 @@ pub mod runner;
 pub mod state;
 
 use std::collections::BTreeSet;
-use std::time::Instant;
 
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{Backend, BackendError, SyncReport};
 use crate::plan::{NodeConfig, Plan, PlanDiff, PortKey, ServicePortPlan};
@@ -252,23 +251,13 @@ impl Backend for NftBackend {
         diff: Option<&PlanDiff>,
         config: &NodeConfig,
     ) -> Result<SyncReport, BackendError> {
-        let start = Instant::now();
-        let full = !self.in_sync || diff.is_none() || diff.is_some_and(|d| d.service_cidrs_changed);
-        let result = match diff {
+        let full = !self.in_sync || diff.is_none_or(|d| d.service_cidrs_changed);
+        let report = SyncReport::run("nftables", full, || match diff {
             Some(d) if !full => self.partial_sync(d),
             _ => self.full_sync(plan, config),
-        };
-        match result {
-            Ok(operations) => {
-                self.in_sync = true;
-                Ok(SyncReport { full, operations, duration: start.elapsed() })
-            }
-            Err(e) => {
-                warn!(full, "nftables sync failed; the next sync rewrites the whole table: {e}");
-                self.in_sync = false;
-                Err(e.into())
-            }
-        }
+        });
+        self.in_sync = report.is_ok();
+        Ok(report?)
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {
