@@ -807,6 +807,11 @@ fn status_shows_the_service_ports_and_what_the_backend_programmed(backend: Backe
     match backend {
         Backend::Ebpf => {
             let programmed = programmed.unwrap_or_else(|| panic!("no PROGRAMMED section:\n{text}"));
+            let hooks = programmed.lines().find(|l| l.starts_with("# TC programs ("));
+            assert!(
+                hooks.is_some_and(|l| l.contains(" hook) on: ") && l.contains("eth0")),
+                "the hook and the node's eth0 in:\n{programmed}"
+            );
             for family in Family::ALL {
                 for (proto, port) in PORTS {
                     let frontend = format!("{}/{proto}", fx.cluster_addr(10, family, port));

@@ -460,7 +460,13 @@ impl Backend for EbpfBackend {
         let text = kernel::KernelMaps::open_pinned(&self.options.bpffs, &self.options.map_sizes)
             .map_err(EbpfError::from)
             .and_then(|mut maps| describe(&mut maps));
-        Some(text.unwrap_or_else(|e| format!("# reading the pinned maps failed: {e}\n")))
+        let mut out = format!(
+            "# TC programs ({:?} hook) on: {}\n",
+            self.options.tc_attach.resolve(),
+            self.attached.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
+        out.push_str(&text.unwrap_or_else(|e| format!("# reading the pinned maps failed: {e}\n")));
+        Some(out)
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {
