@@ -15,6 +15,7 @@ use proxy_common::programs;
 
 mod bpffs;
 mod tc;
+pub mod timing;
 pub use bpffs::Bpffs;
 #[allow(unused_imports, reason = "not every test binary lists TC programs")]
 pub use tc::tc_programs;
