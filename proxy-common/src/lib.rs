@@ -175,7 +175,7 @@ pub const NODE_PORT_ADDR_V6: [u8; 16] = [0; 16];
 
 /// Key of [`maps::SERVICES`]: the destination of a packet that a service frontend matches.
 ///
-/// Layout (20 bytes, alignment 2, no implicit padding):
+/// Layout (20 bytes, alignment 4, no implicit padding):
 ///
 /// | offset | field      | byte order                                                        |
 /// |--------|------------|-------------------------------------------------------------------|
@@ -183,7 +183,9 @@ pub const NODE_PORT_ADDR_V6: [u8; 16] = [0; 16];
 /// | 16     | `port`     | network (big endian), exactly as in the TCP/UDP/SCTP header       |
 /// | 18     | `protocol` | single byte, an IANA protocol number from [`protocol`]            |
 /// | 19     | `_pad`     | always 0                                                          |
-#[repr(C)]
+///
+/// The alignment (see [`FlowKey`]) lets the program copy the address as four 4-byte words.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendKey {
     /// Destination address, IPv6 or IPv4-mapped IPv6, network byte order.
@@ -255,8 +257,8 @@ pub struct EndpointKey {
     pub index: u32,
 }
 
-/// Value of [`maps::ENDPOINTS`]: one endpoint. Layout (20 bytes, alignment 2).
-#[repr(C)]
+/// Value of [`maps::ENDPOINTS`]: one endpoint. Layout (20 bytes, alignment 4, see [`FlowKey`]).
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Endpoint {
     /// Network byte order, IPv4-mapped for IPv4.
@@ -279,8 +281,13 @@ pub struct MaglevTable {
 }
 
 /// Key of [`maps::CONNTRACK`] and [`maps::REVNAT`]: a packet's addresses, ports and protocol.
-/// Layout (40 bytes, alignment 2): addresses and ports in network byte order.
-#[repr(C)]
+/// Layout (40 bytes, alignment 8): addresses and ports in network byte order.
+///
+/// Why the alignment (it changes no offset and no size): the eBPF program copies these types
+/// field by field, and bpf-linker expands a copy with the alignment the compiler knows, so
+/// byte arrays in a 2-aligned struct were copied one byte at a time. 8-aligned, an address is
+/// two 8-byte moves and sport, dport, protocol and padding are one 8-byte store.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
     pub saddr: [u8; 16],
@@ -314,8 +321,8 @@ pub struct CtValue {
 }
 
 /// Value of [`maps::REVNAT`]: the frontend a reply's source is translated back to.
-/// Layout (20 bytes, alignment 2), network byte order.
-#[repr(C)]
+/// Layout (20 bytes, alignment 4, see [`FlowKey`]), network byte order.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RevNatValue {
     pub addr: [u8; 16],
@@ -489,7 +496,7 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
 // Layout checks: a change here is a change of the kernel ABI between program and userspace.
 const _: () = {
     assert!(core::mem::size_of::<FrontendKey>() == 20);
-    assert!(core::mem::align_of::<FrontendKey>() == 2);
+    assert!(core::mem::align_of::<FrontendKey>() == 4);
     assert!(core::mem::offset_of!(FrontendKey, port) == 16);
     assert!(core::mem::offset_of!(FrontendKey, protocol) == 18);
     assert!(core::mem::size_of::<FrontendValue>() == 32);
@@ -497,8 +504,14 @@ const _: () = {
     assert!(core::mem::size_of::<Endpoint>() == 20);
     assert!(core::mem::size_of::<MaglevTable>() == 8 + 4 * MAGLEV_MAX_SIZE);
     assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::align_of::<FlowKey>() == 8);
+    assert!(core::mem::offset_of!(FlowKey, sport) == 32);
+    assert!(core::mem::offset_of!(FlowKey, dport) == 34);
+    assert!(core::mem::offset_of!(FlowKey, protocol) == 36);
     assert!(core::mem::size_of::<CtValue>() == 32);
     assert!(core::mem::size_of::<RevNatValue>() == 20);
+    assert!(core::mem::align_of::<RevNatValue>() == 4);
+    assert!(core::mem::align_of::<Endpoint>() == 4);
     assert!(core::mem::size_of::<AffinityKey>() == 24);
     assert!(core::mem::size_of::<AffinityValue>() == 32);
     assert!(core::mem::size_of::<SourceRangeKey>() == 20);

@@ -25,7 +25,7 @@ use aya_ebpf::{
 use proxy_common::{
     AffinityKey, AffinityValue, CtValue, Endpoint, EndpointKey, FlowKey, FrontendKey, FrontendValue,
     MaglevTable, NODE_PORT_ADDR_V4, NODE_PORT_ADDR_V6, RevNatValue, SockKey, SourceRangeKey, Stat, crc32c,
-    ct, dst_policy, flow_hash, frontend, ipv4_mapped, maps as m, mark, node_addr, protocol,
+    ct, dst_policy, flow_hash, frontend, maps as m, mark, node_addr, protocol,
 };
 
 #[map]
@@ -87,18 +87,14 @@ struct ParseError;
 
 /// The parts of a TCP/UDP/SCTP packet the service path reads.
 struct Packet {
+    /// Addresses (IPv6 or IPv4-mapped), ports and protocol in network byte order, as they are
+    /// in the headers: on ingress this is the packet's `CONNTRACK` key, on egress its `REVNAT` key.
+    flow: FlowKey,
     ipv6: bool,
     /// Offset of the IP header.
     l3: usize,
     /// Offset of the transport header.
     l4: usize,
-    protocol: u8,
-    /// IPv6 or IPv4-mapped, network byte order.
-    saddr: [u8; 16],
-    daddr: [u8; 16],
-    /// Network byte order, as in the header.
-    sport: u16,
-    dport: u16,
     /// TCP flags byte (0 for other protocols).
     tcp_flags: u8,
 }
@@ -107,7 +103,83 @@ impl Packet {
     /// A TCP SYN without ACK: the only TCP packet that opens a connection.
     #[inline(always)]
     fn is_tcp_syn(&self) -> bool {
-        self.protocol == protocol::TCP && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+        self.flow.protocol == protocol::TCP && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+    }
+}
+
+// Writing keys without memset and byte loops. bpf-linker has LLVM expand `memcpy` with the
+// alignment it knows and leaves `memset` and `memmove` as calls to a byte-at-a-time loop (a
+// 3-byte `_pad = [0; 3]` was a call; copying a 32-byte map value out was a 32-iteration loop;
+// together most of an established packet's cost). So keys are written as whole 8-byte words and
+// values are read field by field.
+
+/// Offset of `sport` in [`FlowKey`]: `sport`, `dport`, `protocol` and the padding are its last
+/// 8 bytes.
+const FLOW_TAIL: usize = core::mem::offset_of!(FlowKey, sport);
+const _: () = assert!(FLOW_TAIL == 32 && core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::align_of::<FlowKey>() == 8 && cfg!(target_endian = "little"));
+
+/// `key`'s ports, protocol and (zero) padding in one store.
+#[inline(always)]
+fn set_flow_tail(key: &mut FlowKey, sport: u16, dport: u16, proto: u8) {
+    let tail = u64::from(sport) | u64::from(dport) << 16 | u64::from(proto) << 32;
+    // SAFETY: FlowKey is 8-aligned and its last 8 bytes are these fields (little endian).
+    unsafe { (key as *mut FlowKey).cast::<u8>().add(FLOW_TAIL).cast::<u64>().write(tail) }
+}
+
+/// The two 8-byte words of an IPv4-mapped address from the IPv4 address as read from the
+/// header (a native-endian `u32` of the four network-order bytes).
+#[inline(always)]
+fn mapped_words(addr: u32) -> [u64; 2] {
+    [0, 0xffff_0000 | u64::from(addr) << 32]
+}
+
+/// Copies an address as four 4-byte words: an array assignment is a `memmove` call here (a
+/// byte loop, see above), even between fields of different structs.
+///
+/// # Safety
+/// Both must be 4-aligned: the address fields of ferry's map types and of [`Scratch`] are
+/// (`proxy_common` aligns its types for this).
+#[inline(always)]
+unsafe fn copy_addr(dst: &mut [u8; 16], src: &[u8; 16]) {
+    let (d, s) = (dst.as_mut_ptr().cast::<u32>(), src.as_ptr().cast::<u32>());
+    // SAFETY: 16 bytes each, 4-aligned by the caller's guarantee.
+    unsafe {
+        d.write(s.read());
+        d.add(1).write(s.add(1).read());
+        d.add(2).write(s.add(2).read());
+        d.add(3).write(s.add(3).read());
+    }
+}
+
+/// `key.daddr` as 8-byte words.
+#[inline(always)]
+fn daddr_words(key: &FlowKey) -> [u64; 2] {
+    let p = (key as *const FlowKey).cast::<u64>();
+    // SAFETY: FlowKey is 8-aligned; daddr is bytes 16..32.
+    unsafe { [p.add(2).read(), p.add(3).read()] }
+}
+
+/// `key.port` and the (zero) padding after it in one store.
+#[inline(always)]
+fn set_sock_port(key: &mut SockKey, port: u16) {
+    const PORT: usize = core::mem::offset_of!(SockKey, port);
+    const _: () = assert!(PORT == 24 && core::mem::size_of::<SockKey>() == 32);
+    // SAFETY: SockKey is 8-aligned (a u64 first) and its last 8 bytes are the port and padding.
+    unsafe { (key as *mut SockKey).cast::<u8>().add(PORT).cast::<u64>().write(u64::from(port)) }
+}
+
+/// Writes the addresses of `key` as 8-byte words (`saddr` then `daddr`). Volatile stores:
+/// LLVM would merge adjacent stores of zero into a `memset` call.
+#[inline(always)]
+fn set_flow_addrs(key: &mut FlowKey, saddr: [u64; 2], daddr: [u64; 2]) {
+    let p = (key as *mut FlowKey).cast::<u64>();
+    // SAFETY: FlowKey is 8-aligned; saddr and daddr are its first 32 bytes.
+    unsafe {
+        p.write_volatile(saddr[0]);
+        p.add(1).write_volatile(saddr[1]);
+        p.add(2).write_volatile(daddr[0]);
+        p.add(3).write_volatile(daddr[1]);
     }
 }
 
@@ -121,11 +193,13 @@ struct Chosen {
 }
 
 /// One address and port rewrite: offsets in the packet, old and new values (network order).
+/// `repr(C)` with the addresses first: 8-aligned, so they are copied as 8-byte words.
+#[repr(C)]
 struct Rewrite {
-    addr_off: usize,
-    port_off: usize,
     old_addr: [u8; 16],
     new_addr: [u8; 16],
+    addr_off: usize,
+    port_off: usize,
     old_port: u16,
     new_port: u16,
 }
@@ -200,30 +274,33 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ParseError> {
         }
         _ => return Err(ParseError),
     }
-    if !lookup_frontend(&s.pkt.daddr, s.pkt.dport, s.pkt.protocol, &mut s.key, &mut s.fe) {
-        if s.pkt.protocol != protocol::TCP || s.pkt.is_tcp_syn() {
+    let Some(fe) = lookup_frontend(&s.pkt.flow, &mut s.key) else {
+        if s.pkt.flow.protocol != protocol::TCP || s.pkt.is_tcp_syn() {
             end_superseded_connection(ctx, s);
         }
         return Ok(no_frontend(ctx, s));
-    }
-    fill_flow(&mut s.flow, &s.pkt);
+    };
     // A known connection follows its entry; a TCP SYN re-chooses unless the frontend still
     // uses the set the entry came from (a retransmitted SYN keeps its endpoint).
-    if let Some(entry) = CONNTRACK.get_ptr(&s.flow) {
-        // SAFETY: copied out at once; the program writes entries whole.
-        s.ct = unsafe { *entry };
-        let syn = s.pkt.is_tcp_syn();
-        let keep = !syn || s.ct.set == s.fe.set || s.ct.set == s.fe.sc_set;
+    let syn = s.pkt.is_tcp_syn();
+    if let Some(entry) = CONNTRACK.get_ptr(&s.pkt.flow) {
+        // SAFETY: a map value, valid during this run; copied out at once (the program writes
+        // entries whole).
+        copy_ct(&mut s.ct, unsafe { &*entry });
+        let keep = !syn || s.ct.set == fe.set || s.ct.set == fe.sc_set;
         if keep {
             if syn {
                 // A (re)opening keeps its reply entry too, whatever evicted or ended it.
+                s.flow = s.pkt.flow;
                 fill_reply(s);
                 if REVNAT.insert(&s.reply, &s.original, 0).is_err() {
                     count(Stat::MapUpdateFailed);
                 }
             }
-            set_dst_rewrite(&mut s.rw, &s.pkt, &s.ct.addr, s.ct.port);
-            rewrite(ctx, &s.pkt, &s.rw)?;
+            // SAFETY: fields of 4-aligned types.
+            unsafe { copy_addr(&mut s.rw.new_addr, &s.ct.addr) };
+            s.rw.new_port = s.ct.port;
+            rewrite(ctx, &s.pkt, true, &mut s.rw)?;
             if s.ct.flags & ct::MASQUERADE != 0 {
                 set_mark(ctx, mark::MASQUERADE);
             }
@@ -231,11 +308,54 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ParseError> {
             return Ok(TC_ACT_OK as i32);
         }
     }
-    if s.pkt.protocol == protocol::TCP && !s.pkt.is_tcp_syn() {
+    if s.pkt.flow.protocol == protocol::TCP && !syn {
         count(Stat::NoConnection);
         return Ok(TC_ACT_OK as i32);
     }
+    copy_frontend(&mut s.fe, fe);
+    s.flow = s.pkt.flow;
     Ok(new_connection(ctx, s))
+}
+
+/// Copies a map value field by field (see [`set_flow_tail`] for why not `*dst = *src`).
+#[inline(always)]
+fn copy_ct(dst: &mut CtValue, src: &CtValue) {
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut dst.addr, &src.addr) };
+    dst.port = src.port;
+    dst.flags = src.flags;
+    dst._pad = 0;
+    dst.set = src.set;
+    dst.index = src.index;
+    dst.ifindex = src.ifindex;
+}
+
+#[inline(always)]
+fn copy_frontend(dst: &mut FrontendValue, src: &FrontendValue) {
+    dst.service_id = src.service_id;
+    dst.flags = src.flags;
+    dst.set = src.set;
+    dst.count = src.count;
+    dst.sc_set = src.sc_set;
+    dst.sc_count = src.sc_count;
+    dst.affinity_timeout = src.affinity_timeout;
+    dst._pad = 0;
+}
+
+#[inline(always)]
+fn copy_endpoint(dst: &mut Endpoint, src: &Endpoint) {
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut dst.addr, &src.addr) };
+    dst.port = src.port;
+    dst._pad = 0;
+}
+
+#[inline(always)]
+fn copy_revnat(dst: &mut RevNatValue, src: &RevNatValue) {
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut dst.addr, &src.addr) };
+    dst.port = src.port;
+    dst._pad = 0;
 }
 
 /// A packet that may open a flow (TCP SYN, any UDP/SCTP packet) to no frontend. If a translated
@@ -246,32 +366,31 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ParseError> {
 /// connection's own, already translated (a bridge of pod veths runs the program again).
 #[inline(never)]
 fn end_superseded_connection(ctx: &TcContext, s: &mut Scratch) {
-    s.reply.saddr = s.pkt.daddr;
-    s.reply.daddr = s.pkt.saddr;
-    s.reply.sport = s.pkt.dport;
-    s.reply.dport = s.pkt.sport;
-    s.reply.protocol = s.pkt.protocol;
-    s.reply._pad = [0; 3];
+    let pkt = &s.pkt.flow;
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut s.reply.saddr, &pkt.daddr) };
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut s.reply.daddr, &pkt.saddr) };
+    set_flow_tail(&mut s.reply, pkt.dport, pkt.sport, pkt.protocol);
     let Some(original) = REVNAT.get_ptr(&s.reply) else { return };
-    // SAFETY: copied out at once.
-    s.original = unsafe { *original };
-    s.flow.saddr = s.pkt.saddr;
-    s.flow.daddr = s.original.addr;
-    s.flow.sport = s.pkt.sport;
-    s.flow.dport = s.original.port;
-    s.flow.protocol = s.pkt.protocol;
-    s.flow._pad = [0; 3];
+    // SAFETY: a map value, valid during this run; copied out at once.
+    copy_revnat(&mut s.original, unsafe { &*original });
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut s.flow.saddr, &pkt.saddr) };
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut s.flow.daddr, &s.original.addr) };
+    set_flow_tail(&mut s.flow, pkt.sport, s.original.port, pkt.protocol);
     // SAFETY: reading a field of the context the kernel passed.
     let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     if let Some(entry) = CONNTRACK.get_ptr(&s.flow) {
-        // SAFETY: copied out at once.
-        let entry = unsafe { *entry };
-        if entry.ifindex != ifindex {
+        // SAFETY: as above.
+        copy_ct(&mut s.ct, unsafe { &*entry });
+        if s.ct.ifindex != ifindex {
             return;
         }
         // Only the connection this reply entry was made for: the client may have opened
         // another one to the frontend from the same port since.
-        if addr_eq(&entry.addr, &s.pkt.daddr) && entry.port == s.pkt.dport {
+        if addr_eq(&s.ct.addr, &pkt.daddr) && s.ct.port == pkt.dport {
             let _ = CONNTRACK.remove(&s.flow);
         }
     }
@@ -282,67 +401,56 @@ fn end_superseded_connection(ctx: &TcContext, s: &mut Scratch) {
 /// The reply key of connection `s.flow` translated to `s.ct`, and its frontend in `s.original`.
 #[inline(always)]
 fn fill_reply(s: &mut Scratch) {
-    s.reply.saddr = s.ct.addr;
-    s.reply.daddr = s.flow.saddr;
-    s.reply.sport = s.ct.port;
-    s.reply.dport = s.flow.sport;
-    s.reply.protocol = s.flow.protocol;
-    s.reply._pad = [0; 3];
-    s.original.addr = s.flow.daddr;
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut s.reply.saddr, &s.ct.addr) };
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut s.reply.daddr, &s.flow.saddr) };
+    set_flow_tail(&mut s.reply, s.ct.port, s.flow.sport, s.flow.protocol);
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut s.original.addr, &s.flow.daddr) };
     s.original.port = s.flow.dport;
     s.original._pad = 0;
 }
 
+/// The frontend of `flow`'s destination: an address frontend first, then a NodePort on a node
+/// address. `key` is working memory. The value is read in place (a few fields; whoever needs
+/// all of it copies it with [`copy_frontend`]): userspace replaces entries whole.
 #[inline(always)]
-fn fill_flow(flow: &mut FlowKey, pkt: &Packet) {
-    flow.saddr = pkt.saddr;
-    flow.daddr = pkt.daddr;
-    flow.sport = pkt.sport;
-    flow.dport = pkt.dport;
-    flow.protocol = pkt.protocol;
-    flow._pad = [0; 3];
-}
-
-/// Finds the frontend of a destination into `out`: an address frontend first, then a
-/// NodePort on a node address. `key` is working memory.
-#[inline(always)]
-fn lookup_frontend(
-    daddr: &[u8; 16],
-    dport: u16,
-    proto: u8,
-    key: &mut FrontendKey,
-    out: &mut FrontendValue,
-) -> bool {
-    key.addr = *daddr;
-    key.port = dport;
-    key.protocol = proto;
+fn lookup_frontend(flow: &FlowKey, key: &mut FrontendKey) -> Option<&'static FrontendValue> {
+    let daddr = &flow.daddr;
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut key.addr, daddr) };
+    key.port = flow.dport;
+    key.protocol = flow.protocol;
     key._pad = 0;
-    // SAFETY: values are copied out at once; userspace replaces entries whole.
+    // SAFETY: a map value, valid during this program run.
     if let Some(fe) = unsafe { SERVICES.get(&*key) } {
-        *out = *fe;
-        return true;
+        return Some(fe);
     }
     // SAFETY: as above.
     let flags = unsafe { NODE_ADDRS.get(daddr) }.copied().unwrap_or(0);
     if flags & node_addr::NODE_PORT == 0 {
-        return false;
+        return None;
     }
-    key.addr = if is_mapped(daddr) { NODE_PORT_ADDR_V4 } else { NODE_PORT_ADDR_V6 };
+    let any = if is_mapped(daddr) { NODE_PORT_ADDR_V4 } else { NODE_PORT_ADDR_V6 };
+    let w = |i: usize| u32::from_ne_bytes([any[i], any[i + 1], any[i + 2], any[i + 3]]);
+    let p = key.addr.as_mut_ptr().cast::<u32>();
+    // SAFETY: FrontendKey is 4-aligned, its address its first 16 bytes.
+    unsafe {
+        p.write(w(0));
+        p.add(1).write(w(4));
+        p.add(2).write(w(8));
+        p.add(3).write(w(12));
+    }
     // SAFETY: as above.
-    match unsafe { SERVICES.get(&*key) } {
-        Some(fe) => {
-            *out = *fe;
-            true
-        }
-        None => false,
-    }
+    unsafe { SERVICES.get(&*key) }
 }
 
 /// A TCP/UDP/SCTP packet to no frontend: an undefined port of a ClusterIP is rejected, an
 /// unallocated address of a service CIDR dropped, anything else left alone.
 #[inline(always)]
 fn no_frontend(ctx: &TcContext, s: &Scratch) -> i32 {
-    match DST_POLICY.get(&Key::new(128, s.pkt.daddr)).copied() {
+    match DST_POLICY.get(&Key::new(128, s.pkt.flow.daddr)).copied() {
         Some(dst_policy::REJECT) => {
             set_mark(ctx, mark::REJECT);
             count(Stat::Reject);
@@ -376,11 +484,11 @@ const CHOICE_MISSING: u32 = 3;
 /// connection entries, DNAT. A separate BPF function so that its stack is not its caller's.
 #[inline(never)]
 fn new_connection(ctx: &TcContext, s: &mut Scratch) -> i32 {
-    let is_pod = POD_CIDRS.get(&Key::new(128, s.pkt.saddr)).is_some();
+    let is_pod = POD_CIDRS.get(&Key::new(128, s.flow.saddr)).is_some();
     // SAFETY: copied out at once.
-    let is_node = unsafe { NODE_ADDRS.get(&s.pkt.saddr) }.copied().unwrap_or(0) & node_addr::NODE != 0;
+    let is_node = unsafe { NODE_ADDRS.get(&s.flow.saddr) }.copied().unwrap_or(0) & node_addr::NODE != 0;
     if s.fe.flags & frontend::SOURCE_RANGES != 0 {
-        let key = SourceRangeKey { service_id: s.fe.service_id.to_be(), addr: s.pkt.saddr };
+        let key = SourceRangeKey { service_id: s.fe.service_id.to_be(), addr: s.flow.saddr };
         if SOURCE_RANGES.get(&Key::new(SourceRangeKey::prefix_len(128), key)).is_none() {
             count(Stat::Drop);
             return TC_ACT_SHOT;
@@ -403,8 +511,9 @@ fn new_connection(ctx: &TcContext, s: &mut Scratch) -> i32 {
             return TC_ACT_OK as i32;
         }
     }
-    let masquerade = s.chosen.masquerade || addr_eq(&s.chosen.endpoint.addr, &s.pkt.saddr);
-    s.ct.addr = s.chosen.endpoint.addr;
+    let masquerade = s.chosen.masquerade || addr_eq(&s.chosen.endpoint.addr, &s.flow.saddr);
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut s.ct.addr, &s.chosen.endpoint.addr) };
     s.ct.port = s.chosen.endpoint.port;
     s.ct.flags = if masquerade { ct::MASQUERADE } else { 0 };
     s.ct._pad = 0;
@@ -416,8 +525,10 @@ fn new_connection(ctx: &TcContext, s: &mut Scratch) -> i32 {
     if CONNTRACK.insert(&s.flow, &s.ct, 0).is_err() || REVNAT.insert(&s.reply, &s.original, 0).is_err() {
         count(Stat::MapUpdateFailed);
     }
-    set_dst_rewrite(&mut s.rw, &s.pkt, &s.ct.addr, s.ct.port);
-    if rewrite(ctx, &s.pkt, &s.rw).is_err() {
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut s.rw.new_addr, &s.ct.addr) };
+    s.rw.new_port = s.ct.port;
+    if rewrite(ctx, &s.pkt, true, &mut s.rw).is_err() {
         count(Stat::ParseError);
         return TC_ACT_OK as i32;
     }
@@ -457,18 +568,25 @@ fn choose(s: &mut Scratch, source: u32) -> u32 {
     if affinity {
         s.akey.service_id = fe.service_id;
         s.akey.short_circuit = short_circuit as u32;
-        s.akey.client = s.flow.saddr;
+        // SAFETY: fields of 4-aligned types.
+        unsafe { copy_addr(&mut s.akey.client, &s.flow.saddr) };
         // SAFETY: a plain helper call.
         now = unsafe { bpf_ktime_get_ns() };
         if let Some(a) = AFFINITY.get_ptr(&s.akey) {
-            // SAFETY: copied out at once.
-            s.aval = unsafe { *a };
+            // SAFETY: a map value, valid during this run; copied out at once.
+            let a = unsafe { &*a };
+            s.aval.last_seen_ns = a.last_seen_ns;
+            // SAFETY: fields of 4-aligned types.
+            unsafe { copy_addr(&mut s.aval.addr, &a.addr) };
+            s.aval.port = a.port;
+            s.aval._pad = 0;
+            s.aval.index = a.index;
             let fresh = now.wrapping_sub(s.aval.last_seen_ns) <= timeout_ns;
             let key = EndpointKey { set, index: s.aval.index };
             // SAFETY: as above.
             if fresh && let Some(ep) = unsafe { ENDPOINTS.get(&key) } {
                 if addr_eq(&ep.addr, &s.aval.addr) && ep.port == s.aval.port {
-                    s.chosen.endpoint = *ep;
+                    copy_endpoint(&mut s.chosen.endpoint, ep);
                     s.chosen.index = s.aval.index;
                     s.aval.last_seen_ns = now;
                     if AFFINITY.insert(&s.akey, &s.aval, 0).is_err() {
@@ -492,11 +610,12 @@ fn choose(s: &mut Scratch, source: u32) -> u32 {
     let Some(ep) = (unsafe { ENDPOINTS.get(&EndpointKey { set, index }) }) else {
         return CHOICE_MISSING;
     };
-    s.chosen.endpoint = *ep;
+    copy_endpoint(&mut s.chosen.endpoint, ep);
     s.chosen.index = index;
     if affinity {
         s.aval.last_seen_ns = now;
-        s.aval.addr = ep.addr;
+        // SAFETY: fields of 4-aligned types.
+        unsafe { copy_addr(&mut s.aval.addr, &ep.addr) };
         s.aval.port = ep.port;
         s.aval._pad = 0;
         s.aval.index = index;
@@ -529,27 +648,22 @@ fn try_egress(ctx: &TcContext) -> Result<i32, ParseError> {
         NOT_APPLICABLE => return Ok(TC_ACT_OK as i32),
         _ => return Err(ParseError),
     }
-    fill_flow(&mut s.flow, &s.pkt);
-    let Some(original) = REVNAT.get_ptr(&s.flow) else {
+    let Some(original) = REVNAT.get_ptr(&s.pkt.flow) else {
         return Ok(TC_ACT_OK as i32);
     };
-    // SAFETY: copied out at once.
-    s.original = unsafe { *original };
-    let addr_off = if s.pkt.ipv6 { s.pkt.l3 + 8 } else { s.pkt.l3 + 12 };
-    s.rw.addr_off = addr_off;
-    s.rw.port_off = s.pkt.l4;
-    s.rw.old_addr = s.pkt.saddr;
-    s.rw.new_addr = s.original.addr;
-    s.rw.old_port = s.pkt.sport;
+    // SAFETY: a map value, valid during this run; copied out at once.
+    copy_revnat(&mut s.original, unsafe { &*original });
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut s.rw.new_addr, &s.original.addr) };
     s.rw.new_port = s.original.port;
-    rewrite(ctx, &s.pkt, &s.rw)?;
+    rewrite(ctx, &s.pkt, false, &mut s.rw)?;
     count(Stat::ReverseNat);
     Ok(TC_ACT_OK as i32)
 }
 
 /// Parses Ethernet, IPv4/IPv6 and the ports into `pkt`: [`PARSED`], [`NOT_APPLICABLE`] (not
 /// TCP/UDP/SCTP over IP, or a non-first fragment) or [`PARSE_ERROR`].
-#[inline(never)]
+#[inline(always)]
 fn parse(ctx: &TcContext, pkt: &mut Packet) -> i32 {
     match parse_into(ctx, pkt) {
         Ok(true) => PARSED,
@@ -566,40 +680,39 @@ fn parse_into(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, ParseError> {
     let ether_type = u16::from_be(load::<u16>(ctx, 12)?);
     let l3 = ETH_HDR_LEN;
     pkt.l3 = l3;
+    let proto;
     match ether_type {
         ETH_P_IPV4 => {
             // One copy of the fixed header instead of a helper call per field.
-            let h: [u8; IPV4_MIN_HDR_LEN] = load(ctx, l3)?;
-            if h[0] >> 4 != 4 {
+            let h: [u32; IPV4_MIN_HDR_LEN / 4] = load(ctx, l3)?;
+            let [b0, _, _, _] = h[0].to_ne_bytes();
+            let [_, _, f0, f1] = h[1].to_ne_bytes();
+            let [_, p, _, _] = h[2].to_ne_bytes();
+            if b0 >> 4 != 4 {
                 return Err(ParseError);
             }
-            let header_len = usize::from(h[0] & 0x0f) * 4;
+            let header_len = usize::from(b0 & 0x0f) * 4;
             if header_len < IPV4_MIN_HDR_LEN {
                 return Err(ParseError);
             }
             // Flags and fragment offset: a non-first fragment has no transport header.
-            if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
+            if u16::from_be_bytes([f0, f1]) & 0x1fff != 0 {
                 return Ok(false);
             }
             pkt.ipv6 = false;
-            pkt.protocol = h[9];
-            pkt.saddr = ipv4_mapped([h[12], h[13], h[14], h[15]]);
-            pkt.daddr = ipv4_mapped([h[16], h[17], h[18], h[19]]);
+            proto = p;
+            set_flow_addrs(&mut pkt.flow, mapped_words(h[3]), mapped_words(h[4]));
             pkt.l4 = l3 + header_len;
         }
         ETH_P_IPV6 => {
-            let h: [u8; IPV6_HDR_LEN] = load(ctx, l3)?;
-            if h[0] >> 4 != 6 {
+            let h: [u64; IPV6_HDR_LEN / 8] = load(ctx, l3)?;
+            let [b0, _, _, _, _, _, next, _] = h[0].to_ne_bytes();
+            if b0 >> 4 != 6 {
                 return Err(ParseError);
             }
             pkt.ipv6 = true;
-            let mut saddr = [0u8; 16];
-            saddr.copy_from_slice(&h[8..24]);
-            let mut daddr = [0u8; 16];
-            daddr.copy_from_slice(&h[24..40]);
-            pkt.saddr = saddr;
-            pkt.daddr = daddr;
-            let mut next_header: u8 = h[6];
+            set_flow_addrs(&mut pkt.flow, [h[1], h[2]], [h[3], h[4]]);
+            let mut next_header: u8 = next;
             let mut l4 = l3 + IPV6_HDR_LEN;
             let mut found = false;
             for _ in 0..MAX_IPV6_EXT_HDRS {
@@ -628,33 +741,30 @@ fn parse_into(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, ParseError> {
             if !found {
                 return Err(ParseError);
             }
-            pkt.protocol = next_header;
+            proto = next_header;
             pkt.l4 = l4;
         }
         _ => return Ok(false),
     }
-    if !matches!(pkt.protocol, protocol::TCP | protocol::UDP | protocol::SCTP) {
+    if !matches!(proto, protocol::TCP | protocol::UDP | protocol::SCTP) {
         return Ok(false);
     }
     // TCP, UDP and SCTP all start with the source and destination ports (kept in network
     // order: the raw bytes read as a native u16); TCP's flags are byte 13.
-    if pkt.protocol == protocol::TCP {
-        let t: [u8; 14] = load(ctx, pkt.l4)?;
-        pkt.sport = u16::from_ne_bytes([t[0], t[1]]);
-        pkt.dport = u16::from_ne_bytes([t[2], t[3]]);
-        pkt.tcp_flags = t[13];
-    } else {
-        let t: [u8; 4] = load(ctx, pkt.l4)?;
-        pkt.sport = u16::from_ne_bytes([t[0], t[1]]);
-        pkt.dport = u16::from_ne_bytes([t[2], t[3]]);
-        pkt.tcp_flags = 0;
-    }
+    let ports: [u16; 2] = load(ctx, pkt.l4)?;
+    pkt.tcp_flags = if proto == protocol::TCP { load::<u8>(ctx, pkt.l4 + 13)? } else { 0 };
+    set_flow_tail(&mut pkt.flow, ports[0], ports[1], proto);
     Ok(true)
 }
 
 /// The common case read with direct packet access (no helper calls): IPv4 without options or
 /// IPv6 without extension headers, TCP/UDP/SCTP, the first 14 bytes of the transport header in
 /// the linear part of the skb. `None`: not that case, [`parse_into`]'s helper path decides.
+///
+/// Header fields are read as 2-, 4- and 8-byte words: the verifier's model of packet data
+/// (`NET_IP_ALIGN`) keeps IP header fields naturally aligned, and where the hardware needs
+/// alignment the kernel enforces that model; the x86-64 and arm64 JITs load any alignment. A
+/// byte-by-byte read costs an instruction per byte.
 #[inline(always)]
 fn parse_direct(ctx: &TcContext, pkt: &mut Packet) -> Option<Result<bool, ParseError>> {
     let data = ctx.data();
@@ -663,51 +773,62 @@ fn parse_direct(ctx: &TcContext, pkt: &mut Packet) -> Option<Result<bool, ParseE
         return None;
     }
     // SAFETY: inside [data, data_end), checked above (and by the verifier).
-    let ether_type = u16::from_be_bytes(unsafe { *((data + 12) as *const [u8; 2]) });
-    let l4 = match ether_type {
+    let ether_type = u16::from_be(unsafe { *((data + 12) as *const u16) });
+    let (proto, l4) = match ether_type {
         ETH_P_IPV4 => {
-            if data + ETH_HDR_LEN + IPV4_MIN_HDR_LEN + 14 > end {
+            const L4: usize = ETH_HDR_LEN + IPV4_MIN_HDR_LEN;
+            if data + L4 + 14 > end {
                 return None;
             }
+            let ip = data + ETH_HDR_LEN;
             // SAFETY: as above.
-            let h = unsafe { *((data + ETH_HDR_LEN) as *const [u8; IPV4_MIN_HDR_LEN]) };
-            if h[0] != 0x45 || u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
+            let (b0, frag, proto, saddr, daddr) = unsafe {
+                (
+                    *(ip as *const u8),
+                    *((ip + 6) as *const u16),
+                    *((ip + 9) as *const u8),
+                    *((ip + 12) as *const u32),
+                    *((ip + 16) as *const u32),
+                )
+            };
+            if b0 != 0x45 || u16::from_be(frag) & 0x1fff != 0 {
                 return None;
             }
             pkt.ipv6 = false;
-            pkt.protocol = h[9];
-            pkt.saddr = ipv4_mapped([h[12], h[13], h[14], h[15]]);
-            pkt.daddr = ipv4_mapped([h[16], h[17], h[18], h[19]]);
-            ETH_HDR_LEN + IPV4_MIN_HDR_LEN
+            set_flow_addrs(&mut pkt.flow, mapped_words(saddr), mapped_words(daddr));
+            (proto, L4)
         }
         ETH_P_IPV6 => {
-            if data + ETH_HDR_LEN + IPV6_HDR_LEN + 14 > end {
+            const L4: usize = ETH_HDR_LEN + IPV6_HDR_LEN;
+            if data + L4 + 14 > end {
                 return None;
             }
+            let ip = data + ETH_HDR_LEN;
             // SAFETY: as above.
-            let h = unsafe { &*((data + ETH_HDR_LEN) as *const [u8; IPV6_HDR_LEN]) };
-            if h[0] >> 4 != 6 || !matches!(h[6], protocol::TCP | protocol::UDP | protocol::SCTP) {
+            let (b0, proto) = unsafe { (*(ip as *const u8), *((ip + 6) as *const u8)) };
+            if b0 >> 4 != 6 || !matches!(proto, protocol::TCP | protocol::UDP | protocol::SCTP) {
                 return None;
             }
+            let a = (ip + 8) as *const u64;
             pkt.ipv6 = true;
-            pkt.protocol = h[6];
-            pkt.saddr.copy_from_slice(&h[8..24]);
-            pkt.daddr.copy_from_slice(&h[24..40]);
-            ETH_HDR_LEN + IPV6_HDR_LEN
+            // SAFETY: as above (bytes 8..40 of the IPv6 header).
+            unsafe { set_flow_addrs(&mut pkt.flow, [*a, *a.add(1)], [*a.add(2), *a.add(3)]) };
+            (proto, L4)
         }
         ETH_P_ARP => return Some(Ok(false)),
         _ => return None,
     };
-    if !matches!(pkt.protocol, protocol::TCP | protocol::UDP | protocol::SCTP) {
+    if !matches!(proto, protocol::TCP | protocol::UDP | protocol::SCTP) {
         return Some(Ok(false));
     }
+    let t = data + l4;
     // SAFETY: `l4 + 14` is within the bound checked above.
-    let t = unsafe { *((data + l4) as *const [u8; 14]) };
+    let (sport, dport, flags) =
+        unsafe { (*(t as *const u16), *((t + 2) as *const u16), *((t + 13) as *const u8)) };
     pkt.l3 = ETH_HDR_LEN;
     pkt.l4 = l4;
-    pkt.sport = u16::from_ne_bytes([t[0], t[1]]);
-    pkt.dport = u16::from_ne_bytes([t[2], t[3]]);
-    pkt.tcp_flags = if pkt.protocol == protocol::TCP { t[13] } else { 0 };
+    pkt.tcp_flags = if proto == protocol::TCP { flags } else { 0 };
+    set_flow_tail(&mut pkt.flow, sport, dport, proto);
     Some(Ok(true))
 }
 
@@ -723,22 +844,134 @@ fn l4_checksum(protocol: u8) -> Option<(usize, u64)> {
     }
 }
 
-/// Prepares the destination rewrite (DNAT) of `pkt` to `addr`, `port`.
+/// Replaces the destination (`dst`: DNAT on ingress) or the source (reverse translation on
+/// egress) address and port of `pkt` with `rw.new_addr`, `rw.new_port` (network order),
+/// fixing the IPv4 header checksum and the transport checksum. A separate BPF function so
+/// that its stack is not its callers'.
 #[inline(always)]
-fn set_dst_rewrite(rw: &mut Rewrite, pkt: &Packet, addr: &[u8; 16], port: u16) {
-    rw.addr_off = if pkt.ipv6 { pkt.l3 + 24 } else { pkt.l3 + 16 };
-    rw.port_off = pkt.l4 + 2;
-    rw.old_addr = pkt.daddr;
-    rw.new_addr = *addr;
-    rw.old_port = pkt.dport;
-    rw.new_port = port;
+fn rewrite(ctx: &TcContext, pkt: &Packet, dst: bool, rw: &mut Rewrite) -> Result<(), ParseError> {
+    if !pkt.ipv6
+        && pkt.l3 == ETH_HDR_LEN
+        && pkt.l4 == ETH_HDR_LEN + IPV4_MIN_HDR_LEN
+        && pkt.flow.protocol != protocol::SCTP
+        && let Some(done) = rewrite_ipv4(ctx, pkt.flow.protocol, dst, &rw.new_addr, rw.new_port)
+    {
+        return done;
+    }
+    let flow = &pkt.flow;
+    if dst {
+        rw.addr_off = if pkt.ipv6 { pkt.l3 + 24 } else { pkt.l3 + 16 };
+        rw.port_off = pkt.l4 + 2;
+        // SAFETY: fields of 4-aligned types.
+        unsafe { copy_addr(&mut rw.old_addr, &flow.daddr) };
+        rw.old_port = flow.dport;
+    } else {
+        rw.addr_off = if pkt.ipv6 { pkt.l3 + 8 } else { pkt.l3 + 12 };
+        rw.port_off = pkt.l4;
+        // SAFETY: fields of 4-aligned types.
+        unsafe { copy_addr(&mut rw.old_addr, &flow.saddr) };
+        rw.old_port = flow.sport;
+    }
+    rewrite_general(ctx, pkt, rw)
 }
 
-/// Rewrites one address and port, fixing the IPv4 header checksum and the transport checksum
-/// (pseudo-header and port). A separate BPF function so that its stack is not its callers'.
+/// The common case of [`rewrite`]: TCP or UDP over IPv4 without options, headers in the
+/// linear part. One `bpf_skb_store_bytes` writes bytes 8..24 of the IP header and the ports
+/// (TTL and protocol, the header checksum updated here, both addresses, both ports; the
+/// unchanged ones as they were), then `bpf_l4_csum_replace` updates the transport checksum for
+/// the address (pseudo-header) and for the port. The transport checksum stays with the
+/// helper: it knows the skb's checksum state (a CHECKSUM_PARTIAL packet holds only the
+/// pseudo-header sum, a CHECKSUM_COMPLETE one has `skb->csum` to keep right), which a program
+/// cannot read. `None`: not in the linear part, the general case applies.
+#[inline(always)]
+fn rewrite_ipv4(
+    ctx: &TcContext,
+    proto: u8,
+    dst: bool,
+    addr: &[u8; 16],
+    port: u16,
+) -> Option<Result<(), ParseError>> {
+    const IP: usize = ETH_HDR_LEN;
+    const L4: usize = ETH_HDR_LEN + IPV4_MIN_HDR_LEN;
+    let data = ctx.data();
+    if data + L4 + 4 > ctx.data_end() {
+        return None;
+    }
+    // TTL, protocol, checksum | saddr | daddr | sport, dport (see `parse_direct` on alignment).
+    // SAFETY: inside [data, data_end), checked above.
+    let mut w: [u32; 4] = unsafe {
+        [
+            *((data + IP + 8) as *const u32),
+            *((data + IP + 12) as *const u32),
+            *((data + IP + 16) as *const u32),
+            *((data + L4) as *const u32),
+        ]
+    };
+    let new_addr = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
+    let (ai, shift) = if dst { (2, 16) } else { (1, 0) };
+    let old_addr = w[ai];
+    let old_port = (w[3] >> shift) as u16;
+    w[ai] = new_addr;
+    w[3] = (w[3] & !(0xffff << shift)) | u32::from(port) << shift;
+    let check = csum_replace4((w[0] >> 16) as u16, old_addr, new_addr);
+    w[0] = (w[0] & 0xffff) | u32::from(check) << 16;
+    if ctx.store(IP + 8, &w, 0).is_err() {
+        return Some(Err(ParseError));
+    }
+    // Differences, not old and new values: the helper then adds one number instead of running
+    // `csum_partial` over an array of two.
+    if let Some((off, flags)) = l4_checksum(proto) {
+        if old_addr != new_addr
+            && ctx
+                .l4_csum_replace(
+                    L4 + off,
+                    0,
+                    u64::from(csum_diff4(old_addr, new_addr)),
+                    flags | u64::from(BPF_F_PSEUDO_HDR),
+                )
+                .is_err()
+        {
+            return Some(Err(ParseError));
+        }
+        if old_port != port
+            && ctx
+                .l4_csum_replace(L4 + off, 0, u64::from(u32::from(!old_port) + u32::from(port)), flags)
+                .is_err()
+        {
+            return Some(Err(ParseError));
+        }
+    }
+    Some(Ok(()))
+}
+
+/// The ones'-complement difference `to - from` as a 32-bit partial sum (the kernel's
+/// `csum_sub(to, from)`; any representative works, the helper folds it).
+#[inline(always)]
+fn csum_diff4(from: u32, to: u32) -> u32 {
+    let sum = u64::from(to) + u64::from(!from);
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    ((sum & 0xffff_ffff) + (sum >> 32)) as u32
+}
+
+/// An Internet checksum after one 32-bit word of the data it covers changed from `from` to
+/// `to` (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')); every value as read from the packet.
+#[inline(always)]
+fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
+    let mut sum = u32::from(!check)
+        + u32::from(!(from as u16))
+        + u32::from(!((from >> 16) as u16))
+        + (to & 0xffff)
+        + (to >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Rewrites one address and port with helper calls (any header layout, IPv6, SCTP), fixing
+/// the IPv4 header checksum and the transport checksum (pseudo-header and port).
 #[inline(never)]
-fn rewrite(ctx: &TcContext, pkt: &Packet, change: &Rewrite) -> Result<(), ParseError> {
-    let csum = l4_checksum(pkt.protocol);
+fn rewrite_general(ctx: &TcContext, pkt: &Packet, change: &Rewrite) -> Result<(), ParseError> {
+    let csum = l4_checksum(pkt.flow.protocol);
     if !addr_eq(&change.old_addr, &change.new_addr) {
         let diff = if pkt.ipv6 {
             let mut from = words16(&change.old_addr);
@@ -763,7 +996,7 @@ fn rewrite(ctx: &TcContext, pkt: &Packet, change: &Rewrite) -> Result<(), ParseE
         }
     }
     if change.old_port != change.new_port {
-        if pkt.protocol == protocol::SCTP {
+        if pkt.flow.protocol == protocol::SCTP {
             sctp_port_checksum(ctx, pkt, change)?;
         }
         ctx.store(change.port_off, &change.new_port, 0).map_err(|_| ParseError)?;
@@ -851,16 +1084,19 @@ pub fn ferry_getpeername6(ctx: SockAddrContext) -> i32 {
 }
 
 /// Reads the user address of a sock_addr context as a 16-byte address.
+///
+/// # Safety
+/// `out` is 4-aligned (see [`copy_addr`]).
 #[inline(always)]
-fn sock_user_addr(sa: &bpf_sock_addr, ipv6: bool, out: &mut [u8; 16]) {
-    if ipv6 {
-        let w = sa.user_ip6;
-        out[0..4].copy_from_slice(&w[0].to_ne_bytes());
-        out[4..8].copy_from_slice(&w[1].to_ne_bytes());
-        out[8..12].copy_from_slice(&w[2].to_ne_bytes());
-        out[12..16].copy_from_slice(&w[3].to_ne_bytes());
-    } else {
-        *out = ipv4_mapped(sa.user_ip4.to_ne_bytes());
+unsafe fn sock_user_addr(sa: &bpf_sock_addr, ipv6: bool, out: &mut [u8; 16]) {
+    let w = if ipv6 { sa.user_ip6 } else { [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), sa.user_ip4] };
+    let p = out.as_mut_ptr().cast::<u32>();
+    // SAFETY: 16 bytes, 4-aligned by the caller's guarantee.
+    unsafe {
+        p.write(w[0]);
+        p.add(1).write(w[1]);
+        p.add(2).write(w[2]);
+        p.add(3).write(w[3]);
     }
 }
 
@@ -890,19 +1126,19 @@ fn sock_translate(ctx: &SockAddrContext, ipv6: bool, connected: bool) -> i32 {
         17 => protocol::UDP,
         _ => return 1,
     };
-    sock_user_addr(sa, ipv6, &mut s.flow.daddr);
+    // SAFETY: a field of a 4-aligned type.
+    unsafe { sock_user_addr(sa, ipv6, &mut s.flow.daddr) };
     let dport = sa.user_port as u16;
-    let daddr = s.flow.daddr;
-    if !lookup_frontend(&daddr, dport, proto, &mut s.key, &mut s.fe) {
+    set_flow_tail(&mut s.flow, 0, dport, proto);
+    let Some(fe) = lookup_frontend(&s.flow, &mut s.key) else {
         return 1;
-    }
+    };
+    copy_frontend(&mut s.fe, fe);
     // SAFETY: a plain helper call on the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    s.flow.saddr = [0; 16];
-    s.flow.sport = (cookie as u16).to_be();
-    s.flow.dport = dport;
-    s.flow.protocol = proto;
-    s.flow._pad = [0; 3];
+    let daddr_w = daddr_words(&s.flow);
+    set_flow_addrs(&mut s.flow, [0, 0], daddr_w);
+    set_flow_tail(&mut s.flow, (cookie as u16).to_be(), dport, proto);
     match choose(s, SOURCE_NODE) {
         CHOSEN => {}
         CHOICE_REJECT | CHOICE_DROP => {
@@ -920,10 +1156,11 @@ fn sock_translate(ctx: &SockAddrContext, ipv6: bool, connected: bool) -> i32 {
         return 1;
     }
     s.sock.cookie = cookie;
-    s.sock.addr = s.chosen.endpoint.addr;
-    s.sock.port = s.chosen.endpoint.port;
-    s.sock._pad = [0; 6];
-    s.original.addr = daddr;
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut s.sock.addr, &s.chosen.endpoint.addr) };
+    set_sock_port(&mut s.sock, s.chosen.endpoint.port);
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut s.original.addr, &s.flow.daddr) };
     s.original.port = dport;
     s.original._pad = 0;
     let flags = if connected { 0 } else { u64::from(BPF_NOEXIST) };
@@ -941,12 +1178,12 @@ fn sock_reverse(ctx: &SockAddrContext, ipv6: bool) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     // SAFETY: a plain helper call on the context.
     s.sock.cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    sock_user_addr(sa, ipv6, &mut s.sock.addr);
-    s.sock.port = sa.user_port as u16;
-    s.sock._pad = [0; 6];
+    // SAFETY: a field of a 4-aligned type.
+    unsafe { sock_user_addr(sa, ipv6, &mut s.sock.addr) };
+    set_sock_port(&mut s.sock, sa.user_port as u16);
     if let Some(original) = SOCK_REVNAT.get_ptr(&s.sock) {
-        // SAFETY: copied out at once.
-        s.original = unsafe { *original };
+        // SAFETY: a map value, valid during this run; copied out at once.
+        copy_revnat(&mut s.original, unsafe { &*original });
         sock_set_user_addr(sa, ipv6, &s.original.addr, s.original.port);
     }
     1
