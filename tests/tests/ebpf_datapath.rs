@@ -321,6 +321,84 @@ fn a_program_run_costs_little_with_ten_thousand_services() {
     assert!(medians[1] < 10_000, "an established packet costs {} ns", medians[1]);
 }
 
+/// A tool, not a check: times variants of the eBPF object against each other, interleaved, on
+/// the frames of the test above. `FERRY_EBPF_OBJECTS=name=path,name=path` names objects built
+/// from modified sources (`cargo xtask build-ebpf`, then copy `target/bpf/…/ferry-ebpf`); each is
+/// loaded beside ferry's own, sharing its pinned maps, and opens the test connection on its own
+/// unpinned maps too. Prints the median of each (object, frame) and of the empty program.
+/// Run: `FERRY_EBPF_OBJECTS=… cargo test -p ferry-sandbox --test ebpf_datapath -- --ignored
+/// compare_objects --nocapture`.
+#[test]
+#[ignore = "a measuring tool; needs FERRY_EBPF_OBJECTS"]
+fn compare_objects() {
+    use aya::programs::SchedClassifier;
+    use ebpf_common::timing::{EmptyProgram, median, run_prog_once_ns};
+    let spec = std::env::var("FERRY_EBPF_OBJECTS").unwrap_or_default();
+    let objects: Vec<(&str, &str)> = spec.split(',').filter_map(|o| o.split_once('=')).collect();
+    assert!(!objects.is_empty(), "FERRY_EBPF_OBJECTS=name=path,… names the objects to compare");
+    let ports: Vec<PortPlan> = (0..10_000u32)
+        .map(|i| {
+            let vip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
+            let eps: Vec<SocketAddr> = (0..10)
+                .map(|e| {
+                    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, (e % 3) as u8 + 1, 10 + e as u8)), 8080)
+                })
+                .collect();
+            PortPlan::cluster_ip(&format!("svc{i}"), &vip, 80, &eps)
+        })
+        .collect();
+    let (fs, kernel) = load("compare_objects", &ports);
+    let (client, vip) = (v4("10.0.1.2"), v4("10.96.20.5"));
+    let syn = Frame::tcp4(client, 40000, vip, 80, Frame::SYN);
+    let endpoint = TestRun::ingress(&kernel, &syn).parse().dst;
+    let IpAddr::V4(ep_ip) = endpoint.ip() else { panic!("an IPv4 endpoint") };
+    let ack = Frame::tcp4(client, 40000, vip, 80, Frame::ACK);
+    let miss = Frame::tcp4(client, 40000, v4("192.0.2.1"), 80, Frame::ACK);
+    let reply = Frame::tcp4(ep_ip, endpoint.port(), client, 40000, Frame::ACK);
+    let mut loaded = Vec::new();
+    for (name, path) in &objects {
+        let mut loader = aya::EbpfLoader::new();
+        for map in proxy_common::maps::PINNED {
+            loader
+                .map_pin_path(map, proxy::backend::ebpf::kernel::pin_root(fs.path()).join("maps").join(map));
+        }
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let mut object = loader.load(&bytes).unwrap_or_else(|e| panic!("loading {path}: {e}"));
+        for program in [programs::TC_INGRESS, programs::TC_EGRESS] {
+            let prog: &mut SchedClassifier =
+                object.program_mut(program).and_then(|p| p.try_into().ok()).expect("a TC program");
+            prog.load().unwrap_or_else(|e| panic!("verifying {program} of {path}: {e}"));
+        }
+        let ingress: &SchedClassifier =
+            object.program(programs::TC_INGRESS).and_then(|p| p.try_into().ok()).expect("loaded");
+        run_prog_once_ns(ingress, &syn);
+        loaded.push((*name, object));
+    }
+    let cases = [
+        ("ack", programs::TC_INGRESS, &ack),
+        ("reply", programs::TC_EGRESS, &reply),
+        ("miss", programs::TC_INGRESS, &miss),
+    ];
+    let empty = EmptyProgram::load();
+    let mut samples = vec![Vec::new(); 1 + loaded.len() * cases.len()];
+    for _ in 0..20 {
+        samples[0].extend((0..500).map(|_| empty.run_ns(&ack)));
+        for (i, (_, object)) in loaded.iter().enumerate() {
+            for (j, (_, program, frame)) in cases.iter().enumerate() {
+                let prog: &SchedClassifier =
+                    object.program(program).and_then(|p| p.try_into().ok()).expect("loaded");
+                samples[1 + i * cases.len() + j].extend((0..500).map(|_| run_prog_once_ns(prog, frame)));
+            }
+        }
+    }
+    println!("empty program: {} ns", median(&mut samples[0]));
+    for (i, (name, _)) in loaded.iter().enumerate() {
+        for (j, (case, _, _)) in cases.iter().enumerate() {
+            println!("{name} {case}: {} ns", median(&mut samples[1 + i * cases.len() + j]));
+        }
+    }
+}
+
 /// Why the timing above runs each packet once: BPF_PROG_TEST_RUN with `repeat` runs the program
 /// again and again on one skb, so from the second run on a ClusterIP packet is the pod-addressed
 /// packet the first run made of it, which is no service.

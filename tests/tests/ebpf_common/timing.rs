@@ -14,7 +14,7 @@
 
 use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use proxy::backend::ebpf::kernel::Kernel;
 
 use super::Frame;
@@ -78,7 +78,11 @@ impl EmptyProgram {
 
 /// One kernel-timed run of `program` on a fresh copy of `frame` (`repeat = 1`), in nanoseconds.
 pub fn run_once_ns(kernel: &Kernel, program: &str, frame: &Frame) -> u32 {
-    let prog = kernel.tc_program(program).expect("the TC program is loaded");
+    run_prog_once_ns(kernel.tc_program(program).expect("the TC program is loaded"), frame)
+}
+
+/// [`run_once_ns`] for a program of any loaded object.
+pub fn run_prog_once_ns(prog: &SchedClassifier, frame: &Frame) -> u32 {
     let mut out = vec![0u8; frame.0.len() + 256];
     let r = prog
         .test_run(TestRunOptions {
