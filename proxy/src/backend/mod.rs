@@ -80,6 +80,13 @@ pub struct BackendOptions {
     /// IPVS (`--ipvs-scheduler`, `ipvs.scheduler`): the scheduler of every virtual service;
     /// None: rr.
     pub ipvs_scheduler: Option<String>,
+    /// IPVS (`--ipvs-tcp-timeout`, `--ipvs-tcpfin-timeout`, `--ipvs-udp-timeout`, `ipvs.*Timeout`):
+    /// connection timeouts in seconds, set in the namespace when any is non-zero; 0: the
+    /// kernel's.
+    pub ipvs_timeouts: ipvs::Timeouts,
+    /// IPVS (`--ipvs-exclude-cidrs`, `ipvs.excludeCIDRs`): stale virtual services on these
+    /// addresses are never deleted.
+    pub ipvs_exclude_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// Creates the backend `kind`; the one place that knows which backends exist.

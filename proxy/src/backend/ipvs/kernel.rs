@@ -11,7 +11,7 @@ use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
 use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
 use netlink_packet_generic::{GenlHeader, GenlMessage};
 
-use super::netlink::{self, Dest, DestStatus, IpvsMessage, Service, ServiceKey, ServiceSpec};
+use super::netlink::{self, Dest, DestStatus, IpvsMessage, Service, ServiceKey, ServiceSpec, Timeouts};
 use super::socket::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NlSocket, SocketError, encode,
 };
@@ -33,6 +33,10 @@ pub trait Ipvs: Send {
     fn edit_dest(&mut self, key: &ServiceKey, dest: &Dest) -> Result<(), SocketError>;
     /// One already gone is not an error.
     fn del_dest(&mut self, key: &ServiceKey, addr: &SocketAddr) -> Result<(), SocketError>;
+    /// The namespace's connection timeouts (`IPVS_CMD_GET_CONFIG`).
+    fn timeouts(&mut self) -> Result<Timeouts, SocketError>;
+    /// Sets the non-zero ones of `timeouts` (`IPVS_CMD_SET_CONFIG`).
+    fn set_timeouts(&mut self, timeouts: &Timeouts) -> Result<(), SocketError>;
 }
 
 /// IPVS over a generic netlink socket.
@@ -78,8 +82,20 @@ impl NetlinkIpvs {
         what: &dyn Fn() -> String,
         each: &mut dyn FnMut(IpvsMessage) -> Result<(), SocketError>,
     ) -> Result<(), SocketError> {
+        self.answers(msg, NLM_F_REQUEST | NLM_F_DUMP, what, each)
+    }
+
+    /// Sends `msg` with `flags` and hands every IPVS message of the answer to `each`, until
+    /// the dump's end or the acknowledgement.
+    fn answers(
+        &mut self,
+        msg: IpvsMessage,
+        flags: u16,
+        what: &dyn Fn() -> String,
+        each: &mut dyn FnMut(IpvsMessage) -> Result<(), SocketError>,
+    ) -> Result<(), SocketError> {
         let seq = self.socket.next_seq();
-        let bytes = self.message(msg, NLM_F_REQUEST | NLM_F_DUMP, seq);
+        let bytes = self.message(msg, flags, seq);
         let family = self.family;
         self.socket.dump(what, &bytes, seq, &mut |ty, payload| {
             if ty != family {
@@ -191,14 +207,44 @@ impl Ipvs for NetlinkIpvs {
         let msg = netlink::del_dest(key, addr);
         tolerate_missing(self.request(msg, false, &|| format!("deleting real server {addr} of {key}")))
     }
+
+    fn timeouts(&mut self) -> Result<Timeouts, SocketError> {
+        let op = || "reading the IPVS connection timeouts".to_owned();
+        let mut out = None;
+        // GET_CONFIG has no dump: one answer, then the acknowledgement asked for.
+        self.answers(netlink::get_config(), NLM_F_REQUEST | NLM_F_ACK, &op, &mut |msg| {
+            out = Some(
+                netlink::parse_config(&msg)
+                    .map_err(|e| SocketError::Decode { op: op(), reason: e.to_string() })?,
+            );
+            Ok(())
+        })?;
+        out.ok_or_else(|| SocketError::Decode {
+            op: op(),
+            reason: "no answer before the acknowledgement".into(),
+        })
+    }
+
+    fn set_timeouts(&mut self, timeouts: &Timeouts) -> Result<(), SocketError> {
+        let msg = netlink::set_config(timeouts);
+        self.request(msg, false, &|| format!("setting the IPVS timeouts (tcp tcpfin udp) to {timeouts}"))
+    }
 }
 
 /// An in-memory IPVS table with the kernel's rules, for tests.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct FakeIpvs {
     pub table: BTreeMap<ServiceKey, (ServiceSpec, BTreeMap<SocketAddr, DestStatus>)>,
+    /// The connection timeouts; a fresh namespace has the kernel's defaults.
+    pub timeouts: Timeouts,
     /// Every call that changed something, in `ipvsadm`-like words.
     pub log: Vec<String>,
+}
+
+impl Default for FakeIpvs {
+    fn default() -> Self {
+        Self { table: BTreeMap::new(), timeouts: Timeouts::KERNEL_DEFAULTS, log: Vec::new() }
+    }
 }
 
 impl FakeIpvs {
@@ -301,6 +347,17 @@ impl Ipvs for FakeIpvs {
         {
             self.log.push(format!("-d {key} -r {addr}"));
         }
+        Ok(())
+    }
+
+    fn timeouts(&mut self) -> Result<Timeouts, SocketError> {
+        Ok(self.timeouts)
+    }
+
+    fn set_timeouts(&mut self, timeouts: &Timeouts) -> Result<(), SocketError> {
+        self.timeouts = timeouts.applied_to(&self.timeouts);
+        // As sent: 0 stands for "unchanged".
+        self.log.push(format!("--set {timeouts}"));
         Ok(())
     }
 }

@@ -25,7 +25,9 @@ pub mod sysctl;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
+use ipnet::IpNet;
 use tracing::{debug, info};
 
 use super::nftables::{NftCommand, NftError, NftRunner};
@@ -34,6 +36,7 @@ use crate::model::IpFamily;
 use crate::plan::{NodeConfig, Plan, PlanDiff, PortKey};
 use address::{Rtnetlink, ServiceAddresses};
 use kernel::{Ipvs, NetlinkIpvs};
+pub use netlink::Timeouts;
 use netlink::{Dest, ServiceKey, ServiceSpec};
 use socket::SocketError;
 use state::{Changes, State};
@@ -44,6 +47,23 @@ pub const DEFAULT_SCHEDULER: &str = "rr";
 /// Schedulers of Linux's IPVS (each an `ip_vs_<name>` module the kernel loads on first use).
 pub const SCHEDULERS: &[&str] =
     &["rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos"];
+
+/// The longest IPVS timeout every kernel accepts: it keeps them in jiffies in an `int` and
+/// refuses more than `INT_MAX / HZ` seconds; HZ is at most 1000 (24 days, 20:31:23).
+pub const MAX_TIMEOUT_SECS: u32 = i32::MAX as u32 / 1000;
+
+/// An IPVS timeout in the seconds the kernel takes; 0 means "leave the kernel's value".
+/// Refuses what IPVS cannot keep: fractions of a second (kube-proxy would truncate them,
+/// turning `500ms` into "unchanged") and more than [`MAX_TIMEOUT_SECS`].
+pub fn timeout_secs(d: Duration) -> Result<u32, String> {
+    if d.subsec_nanos() != 0 {
+        return Err("IPVS timeouts are whole seconds".into());
+    }
+    match u32::try_from(d.as_secs()) {
+        Ok(s) if s <= MAX_TIMEOUT_SECS => Ok(s),
+        _ => Err(format!("longer than IPVS accepts (at most {MAX_TIMEOUT_SECS}s, about 24 days)")),
+    }
+}
 
 const EEXIST: i32 = 17;
 const ENOENT: i32 = 2;
@@ -67,11 +87,22 @@ pub struct IpvsOptions {
     pub scheduler: String,
     /// Program this named network namespace (tests); None: ferry's own.
     pub netns: Option<String>,
+    /// `--ipvs-tcp-timeout`, `--ipvs-tcpfin-timeout`, `--ipvs-udp-timeout` (and `ipvs.*Timeout`):
+    /// set in the namespace when any is non-zero; a 0 one stays as the kernel has it.
+    pub timeouts: Timeouts,
+    /// `--ipvs-exclude-cidrs` / `ipvs.excludeCIDRs`: stale virtual services on these addresses
+    /// are never deleted (someone else's on the node's addresses).
+    pub exclude_cidrs: Vec<IpNet>,
 }
 
 impl Default for IpvsOptions {
     fn default() -> Self {
-        Self { scheduler: DEFAULT_SCHEDULER.to_owned(), netns: None }
+        Self {
+            scheduler: DEFAULT_SCHEDULER.to_owned(),
+            netns: None,
+            timeouts: Timeouts::default(),
+            exclude_cidrs: Vec::new(),
+        }
     }
 }
 
@@ -80,7 +111,30 @@ impl From<&super::BackendOptions> for IpvsOptions {
         Self {
             scheduler: o.ipvs_scheduler.clone().unwrap_or_else(|| DEFAULT_SCHEDULER.to_owned()),
             netns: o.netns.clone(),
+            timeouts: o.ipvs_timeouts,
+            exclude_cidrs: o.ipvs_exclude_cidrs.clone(),
         }
+    }
+}
+
+impl IpvsOptions {
+    fn validate(&self) -> Result<(), IpvsError> {
+        if !SCHEDULERS.contains(&self.scheduler.as_str()) {
+            return Err(IpvsError::Invalid(format!(
+                "IPVS scheduler {:?} is not one of {}",
+                self.scheduler,
+                SCHEDULERS.join(", ")
+            )));
+        }
+        let t = &self.timeouts;
+        for (name, secs) in [("TCP", t.tcp), ("TCP FIN", t.tcp_fin), ("UDP", t.udp)] {
+            if secs > MAX_TIMEOUT_SECS {
+                return Err(IpvsError::Invalid(format!(
+                    "IPVS {name} timeout {secs}s is longer than IPVS accepts (at most {MAX_TIMEOUT_SECS}s)"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -103,13 +157,7 @@ pub struct IpvsBackend {
 
 impl IpvsBackend {
     pub fn new(options: IpvsOptions) -> Result<Self, IpvsError> {
-        if !SCHEDULERS.contains(&options.scheduler.as_str()) {
-            return Err(IpvsError::Invalid(format!(
-                "IPVS scheduler {:?} is not one of {}",
-                options.scheduler,
-                SCHEDULERS.join(", ")
-            )));
-        }
+        options.validate()?;
         let nft = match &options.netns {
             Some(ns) => NftCommand::in_netns(ns),
             None => NftCommand::new(),
@@ -145,6 +193,17 @@ impl IpvsBackend {
         }
     }
 
+    /// Takes new options (a configuration reload): the next sync is a full one, which applies
+    /// a changed scheduler to every service and changed timeouts to the namespace. The
+    /// namespace stays the same.
+    pub fn reconfigure(&mut self, options: IpvsOptions) -> Result<(), IpvsError> {
+        options.validate()?;
+        let netns = self.options.netns.clone();
+        self.options = IpvsOptions { netns, ..options };
+        self.in_sync = false;
+        Ok(())
+    }
+
     /// Opens the sockets and applies the sysctls (after IPVS is loaded: its sysctls appear
     /// with the module).
     fn kernel(
@@ -176,9 +235,20 @@ impl IpvsBackend {
             elements.extend(globals.iter());
             script.push_str(&filter::full_script(family, config, &elements));
         }
+        let timeouts = self.options.timeouts;
+        let exclude_cidrs = self.options.exclude_cidrs.clone();
         let (ipvs, links, nft) = self.kernel()?;
         links.ensure_link()?;
         let mut ops = 0;
+        // Read back at every full sync, so that a change by someone else is repaired.
+        if timeouts.any() {
+            let have = ipvs.timeouts()?;
+            if !timeouts.satisfied_by(&have) {
+                ipvs.set_timeouts(&timeouts)?;
+                info!(was = %have, now = %timeouts.applied_to(&have), "IPVS timeouts (tcp tcpfin udp) set");
+                ops += 1;
+            }
+        }
         let have_addrs = links.addresses()?;
         let want_addrs = new.all_addresses();
         for a in want_addrs.difference(&have_addrs) {
@@ -208,11 +278,16 @@ impl IpvsBackend {
         let mut owned: BTreeSet<IpAddr> = have_addrs.union(&want_addrs).copied().collect();
         owned.extend(config.node_ips.iter().copied());
         for key in kernel_services.keys() {
-            if !desired.contains_key(key) && is_ferrys(key, &owned) {
-                debug!(service = %key, "deleting stale IPVS service");
-                ipvs.del_service(key)?;
-                ops += 1;
+            if desired.contains_key(key) || !is_ferrys(key, &owned) {
+                continue;
             }
+            if excluded(key, &exclude_cidrs) {
+                debug!(service = %key, "stale IPVS service in excludeCIDRs: kept");
+                continue;
+            }
+            debug!(service = %key, "deleting stale IPVS service");
+            ipvs.del_service(key)?;
+            ops += 1;
         }
         for a in have_addrs.difference(&want_addrs) {
             links.del(*a)?;
@@ -305,6 +380,11 @@ impl IpvsBackend {
                 let _ = writeln!(out, "-a {key} -r {} -m -w {}", d.addr, d.weight);
             }
         }
+        let t = &self.options.timeouts;
+        if t.any() {
+            // 0: left as the kernel has it.
+            let _ = writeln!(out, "--set {t}");
+        }
         let addrs: Vec<String> = st.all_addresses().iter().map(IpAddr::to_string).collect();
         let _ = writeln!(out, "\n# {} addresses\n{}", address::DUMMY_IFNAME, addrs.join("\n"));
         out.push_str("\n# nftables (what IPVS cannot express)\n");
@@ -332,6 +412,15 @@ fn is_ferrys(key: &ServiceKey, addresses: &BTreeSet<IpAddr>) -> bool {
     match key {
         ServiceKey::Addr { addr, .. } => addresses.contains(addr),
         ServiceKey::FwMark { mark, .. } => compile::is_ferry_mark(*mark),
+    }
+}
+
+/// Whether a stale service on `key` must be left alone: its address is in one of
+/// `excludeCIDRs` (firewall-mark services have no address).
+fn excluded(key: &ServiceKey, exclude_cidrs: &[IpNet]) -> bool {
+    match key {
+        ServiceKey::Addr { addr, .. } => exclude_cidrs.iter().any(|n| n.contains(addr)),
+        ServiceKey::FwMark { .. } => false,
     }
 }
 
@@ -447,7 +536,7 @@ impl Backend for IpvsBackend {
         }
         if let Some(ipvs) = self.ipvs.as_deref_mut() {
             for s in ipvs.services().map_err(IpvsError::from)? {
-                if is_ferrys(&s.key, &owned) {
+                if is_ferrys(&s.key, &owned) && !excluded(&s.key, &self.options.exclude_cidrs) {
                     ipvs.del_service(&s.key).map_err(IpvsError::from)?;
                 }
             }

@@ -1,6 +1,7 @@
 //! IPVS messages of the kernel's generic netlink family "IPVS" (include/uapi/linux/ip_vs.h):
 //! commands with a service nested in `IPVS_CMD_ATTR_SERVICE` and a real server nested in
-//! `IPVS_CMD_ATTR_DEST`.
+//! `IPVS_CMD_ATTR_DEST`, and the connection timeouts of `IPVS_CMD_SET_CONFIG` /
+//! `IPVS_CMD_GET_CONFIG` as first-level u32 attributes.
 //!
 //! netlink-packet-generic supplies the generic header and the family resolution; no maintained
 //! crate models the IPVS attributes, so they are encoded here, at this one boundary: ports in
@@ -29,10 +30,15 @@ pub const CMD_NEW_DEST: u8 = 5;
 pub const CMD_SET_DEST: u8 = 6;
 pub const CMD_DEL_DEST: u8 = 7;
 pub const CMD_GET_DEST: u8 = 8;
+pub const CMD_SET_CONFIG: u8 = 12;
+pub const CMD_GET_CONFIG: u8 = 13;
 
 // First-level attributes.
 const CMD_ATTR_SERVICE: u16 = 1;
 const CMD_ATTR_DEST: u16 = 2;
+const CMD_ATTR_TIMEOUT_TCP: u16 = 4;
+const CMD_ATTR_TIMEOUT_TCP_FIN: u16 = 5;
+const CMD_ATTR_TIMEOUT_UDP: u16 = 6;
 
 // Service attributes.
 const SVC_ATTR_AF: u16 = 1;
@@ -177,6 +183,49 @@ impl DestStatus {
     }
 }
 
+/// IPVS connection timeouts of a network namespace, in seconds: TCP established, TCP
+/// FIN_WAIT, UDP (`ipvsadm --set tcp tcpfin udp`). In a request, 0 leaves that timeout as
+/// the kernel has it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp: u32,
+    pub tcp_fin: u32,
+    pub udp: u32,
+}
+
+impl Timeouts {
+    /// What a kernel starts every namespace with (15 min, 2 min, 5 min).
+    pub const KERNEL_DEFAULTS: Timeouts = Timeouts { tcp: 900, tcp_fin: 120, udp: 300 };
+
+    /// Whether any timeout is to be set (kube-proxy sets them only then).
+    pub fn any(&self) -> bool {
+        self.tcp != 0 || self.tcp_fin != 0 || self.udp != 0
+    }
+
+    /// Whether the kernel's `have` already carries every timeout set here.
+    pub fn satisfied_by(&self, have: &Timeouts) -> bool {
+        let ok = |want: u32, have: u32| want == 0 || want == have;
+        ok(self.tcp, have.tcp) && ok(self.tcp_fin, have.tcp_fin) && ok(self.udp, have.udp)
+    }
+
+    /// `have` with the timeouts set here applied, as the kernel does it.
+    pub fn applied_to(&self, have: &Timeouts) -> Timeouts {
+        let pick = |want: u32, have: u32| if want == 0 { have } else { want };
+        Timeouts {
+            tcp: pick(self.tcp, have.tcp),
+            tcp_fin: pick(self.tcp_fin, have.tcp_fin),
+            udp: pick(self.udp, have.udp),
+        }
+    }
+}
+
+/// `ipvsadm --set`'s order: tcp tcpfin udp.
+impl std::fmt::Display for Timeouts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {}", self.tcp, self.tcp_fin, self.udp)
+    }
+}
+
 /// One attribute of a service or destination: its type and value bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attr {
@@ -196,11 +245,13 @@ impl Nla for Attr {
     }
 }
 
-/// A first-level attribute: a nested service or destination, or one ferry does not read.
+/// A first-level attribute: a nested service or destination, a timeout (u32 seconds, host
+/// order), or one ferry does not read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CmdAttr {
     Service(Vec<Attr>),
     Dest(Vec<Attr>),
+    Timeout { kind: u16, secs: u32 },
     Other(DefaultNla),
 }
 
@@ -208,6 +259,7 @@ impl Nla for CmdAttr {
     fn value_len(&self) -> usize {
         match self {
             CmdAttr::Service(a) | CmdAttr::Dest(a) => a.as_slice().buffer_len(),
+            CmdAttr::Timeout { .. } => 4,
             CmdAttr::Other(n) => n.value_len(),
         }
     }
@@ -215,12 +267,14 @@ impl Nla for CmdAttr {
         match self {
             CmdAttr::Service(_) => CMD_ATTR_SERVICE | NLA_F_NESTED,
             CmdAttr::Dest(_) => CMD_ATTR_DEST | NLA_F_NESTED,
+            CmdAttr::Timeout { kind, .. } => *kind,
             CmdAttr::Other(n) => n.kind(),
         }
     }
     fn emit_value(&self, buffer: &mut [u8]) {
         match self {
             CmdAttr::Service(a) | CmdAttr::Dest(a) => a.as_slice().emit(buffer),
+            CmdAttr::Timeout { secs, .. } => buffer[..4].copy_from_slice(&secs.to_ne_bytes()),
             CmdAttr::Other(n) => n.emit_value(buffer),
         }
     }
@@ -263,6 +317,11 @@ impl ParseableParametrized<[u8], GenlHeader> for IpvsMessage {
             attrs.push(match nla.kind() {
                 CMD_ATTR_SERVICE => CmdAttr::Service(nested(nla.value())?),
                 CMD_ATTR_DEST => CmdAttr::Dest(nested(nla.value())?),
+                kind @ (CMD_ATTR_TIMEOUT_TCP | CMD_ATTR_TIMEOUT_TCP_FIN | CMD_ATTR_TIMEOUT_UDP) => {
+                    let secs = u32_ne(nla.value())
+                        .ok_or_else(|| DecodeError::from(format!("timeout attribute {kind} is not a u32")))?;
+                    CmdAttr::Timeout { kind, secs }
+                }
                 _ => CmdAttr::Other(DefaultNla::new(nla.kind(), nla.value().to_vec())),
             });
         }
@@ -373,6 +432,44 @@ pub fn del_dest(key: &ServiceKey, addr: &SocketAddr) -> IpvsMessage {
         cmd: CMD_DEL_DEST,
         attrs: vec![CmdAttr::Service(key_attrs(key)), CmdAttr::Dest(dest_key_attrs(addr))],
     }
+}
+
+/// `IPVS_CMD_SET_CONFIG` with the timeouts to set; a 0 one is left out (the kernel would
+/// ignore it as well), as ipvsadm does.
+pub fn set_config(timeouts: &Timeouts) -> IpvsMessage {
+    let attrs = [
+        (CMD_ATTR_TIMEOUT_TCP, timeouts.tcp),
+        (CMD_ATTR_TIMEOUT_TCP_FIN, timeouts.tcp_fin),
+        (CMD_ATTR_TIMEOUT_UDP, timeouts.udp),
+    ]
+    .into_iter()
+    .filter(|(_, secs)| *secs != 0)
+    .map(|(kind, secs)| CmdAttr::Timeout { kind, secs })
+    .collect();
+    IpvsMessage { cmd: CMD_SET_CONFIG, attrs }
+}
+
+/// `IPVS_CMD_GET_CONFIG`: a plain request (the kernel has no dump for it), no attributes.
+pub fn get_config() -> IpvsMessage {
+    IpvsMessage { cmd: CMD_GET_CONFIG, attrs: vec![] }
+}
+
+/// The timeouts of the kernel's answer to `IPVS_CMD_GET_CONFIG` (an `IPVS_CMD_SET_CONFIG`
+/// message). A kernel without TCP or UDP support in IPVS leaves those out: 0.
+pub fn parse_config(msg: &IpvsMessage) -> Result<Timeouts, DecodeError> {
+    if msg.cmd != CMD_SET_CONFIG {
+        return Err(DecodeError::from(format!("IPVS command {} is not a configuration", msg.cmd)));
+    }
+    let mut t = Timeouts::default();
+    for a in &msg.attrs {
+        match a {
+            CmdAttr::Timeout { kind: CMD_ATTR_TIMEOUT_TCP, secs } => t.tcp = *secs,
+            CmdAttr::Timeout { kind: CMD_ATTR_TIMEOUT_TCP_FIN, secs } => t.tcp_fin = *secs,
+            CmdAttr::Timeout { kind: CMD_ATTR_TIMEOUT_UDP, secs } => t.udp = *secs,
+            _ => {}
+        }
+    }
+    Ok(t)
 }
 
 fn find(attrs: &[Attr], kind: u16) -> Option<&[u8]> {
@@ -643,6 +740,80 @@ mod tests {
             assert_eq!(back, msg);
             assert_eq!(parse_service(&back).unwrap(), Some(Service { key, spec }));
         }
+    }
+
+    #[test]
+    fn set_config_carries_the_timeouts_as_first_level_u32_attributes() {
+        let t = Timeouts { tcp: 3600, tcp_fin: 30, udp: 120 };
+        let got = bytes(set_config(&t), 0x5, 3);
+        #[rustfmt::skip]
+        let want: Vec<u8> = [
+            // nlmsghdr: length 44, type 0x1c, flags REQUEST|ACK, seq 3, port 0
+            &[44, 0, 0, 0, 0x1c, 0, 5, 0, 3, 0, 0, 0, 0, 0, 0, 0][..],
+            // genlmsghdr: IPVS_CMD_SET_CONFIG (12), version 1
+            &[12, 1, 0, 0],
+            // IPVS_CMD_ATTR_TIMEOUT_TCP (4): u32 3600 (0x0e10) in host order, not nested
+            &[8, 0, 4, 0], &3600u32.to_ne_bytes(),
+            // IPVS_CMD_ATTR_TIMEOUT_TCP_FIN (5): 30
+            &[8, 0, 5, 0], &30u32.to_ne_bytes(),
+            // IPVS_CMD_ATTR_TIMEOUT_UDP (6): 120
+            &[8, 0, 6, 0], &120u32.to_ne_bytes(),
+        ]
+        .concat();
+        assert_eq!(got, want);
+
+        // A timeout of 0 is left out: the kernel keeps its value.
+        let got = bytes(set_config(&Timeouts { tcp: 0, tcp_fin: 0, udp: 45 }), 0x5, 4);
+        #[rustfmt::skip]
+        let want: Vec<u8> = [
+            &[28, 0, 0, 0, 0x1c, 0, 5, 0, 4, 0, 0, 0, 0, 0, 0, 0][..],
+            &[12, 1, 0, 0],
+            &[8, 0, 6, 0], &45u32.to_ne_bytes(),
+        ]
+        .concat();
+        assert_eq!(got, want);
+
+        // IPVS_CMD_GET_CONFIG (13): no attributes.
+        assert_eq!(
+            bytes(get_config(), 0x5, 5),
+            [20, 0, 0, 0, 0x1c, 0, 5, 0, 5, 0, 0, 0, 0, 0, 0, 0, 13, 1, 0, 0]
+        );
+    }
+
+    /// The kernel answers GET_CONFIG with a SET_CONFIG message holding all three timeouts.
+    #[test]
+    fn the_get_config_answer_parses_to_the_timeouts() {
+        #[rustfmt::skip]
+        let wire: Vec<u8> = [
+            &[8, 0, 4, 0][..], &900u32.to_ne_bytes(),
+            &[8, 0, 5, 0], &120u32.to_ne_bytes(),
+            &[8, 0, 6, 0], &300u32.to_ne_bytes(),
+        ]
+        .concat();
+        let header = GenlHeader { cmd: CMD_SET_CONFIG, version: 1 };
+        let msg = IpvsMessage::parse_with_param(&wire[..], header).unwrap();
+        assert_eq!(parse_config(&msg).unwrap(), Timeouts::KERNEL_DEFAULTS);
+        let round = set_config(&Timeouts { tcp: 1, tcp_fin: 2, udp: 3 });
+        let mut wire = vec![0; round.buffer_len()];
+        round.emit(&mut wire);
+        let back = IpvsMessage::parse_with_param(&wire[..], header).unwrap();
+        assert_eq!(back, round);
+        assert_eq!(parse_config(&back).unwrap(), Timeouts { tcp: 1, tcp_fin: 2, udp: 3 });
+        // Another command, or a timeout that is not a u32, is an error.
+        assert!(parse_config(&list_services()).is_err());
+        let short = [6, 0, 4, 0, 1, 0, 0, 0];
+        assert!(IpvsMessage::parse_with_param(&short[..], header).is_err());
+    }
+
+    #[test]
+    fn timeouts_compare_and_apply_like_the_kernel_with_zero_as_unchanged() {
+        let want = Timeouts { tcp: 3600, tcp_fin: 0, udp: 0 };
+        assert!(want.any() && !Timeouts::default().any());
+        assert!(!want.satisfied_by(&Timeouts::KERNEL_DEFAULTS));
+        let after = want.applied_to(&Timeouts::KERNEL_DEFAULTS);
+        assert_eq!(after, Timeouts { tcp: 3600, tcp_fin: 120, udp: 300 });
+        assert!(want.satisfied_by(&after));
+        assert_eq!(after.to_string(), "3600 120 300");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::address::{FakeAddresses, ServiceAddresses};
 use super::compile::{self, Context, Output};
 use super::filter;
 use super::kernel::{FakeIpvs, Ipvs};
-use super::netlink::{Dest, DestStatus, Service, ServiceKey, ServiceSpec};
+use super::netlink::{Dest, DestStatus, Service, ServiceKey, ServiceSpec, Timeouts};
 use super::socket::SocketError;
 use super::{IpvsBackend, IpvsOptions};
 use crate::backend::Backend;
@@ -294,6 +294,12 @@ impl Ipvs for Shared<FakeIpvs> {
     fn del_dest(&mut self, key: &ServiceKey, addr: &SocketAddr) -> Result<(), SocketError> {
         self.get().del_dest(key, addr)
     }
+    fn timeouts(&mut self) -> Result<Timeouts, SocketError> {
+        self.get().timeouts()
+    }
+    fn set_timeouts(&mut self, timeouts: &Timeouts) -> Result<(), SocketError> {
+        self.get().set_timeouts(timeouts)
+    }
 }
 
 impl ServiceAddresses for Shared<FakeAddresses> {
@@ -347,11 +353,19 @@ impl Rig {
         Self::over(Shared::default(), Shared::default())
     }
 
+    fn with_options(options: IpvsOptions) -> Self {
+        Self::built(options, Shared::default(), Shared::default())
+    }
+
     /// A backend over kernel state that already exists (a restart).
     fn over(ipvs: Shared<FakeIpvs>, links: Shared<FakeAddresses>) -> Self {
+        Self::built(IpvsOptions::default(), ipvs, links)
+    }
+
+    fn built(options: IpvsOptions, ipvs: Shared<FakeIpvs>, links: Shared<FakeAddresses>) -> Self {
         let nft = Shared::<Scripts>::default();
         let backend = IpvsBackend::with_parts(
-            IpvsOptions::default(),
+            options,
             Box::new(nft.clone()),
             Box::new(ipvs.clone()),
             Box::new(links.clone()),
@@ -598,7 +612,12 @@ fn cleanup_removes_ferrys_services_the_dummy_and_the_tables() {
 
 #[test]
 fn render_prints_virtual_services_addresses_and_the_table() {
-    let backend = IpvsBackend::new(IpvsOptions { scheduler: "wrr".into(), netns: None }).expect("backend");
+    let options = IpvsOptions {
+        scheduler: "wrr".into(),
+        timeouts: Timeouts { tcp: 3600, tcp_fin: 0, udp: 60 },
+        ..IpvsOptions::default()
+    };
+    let backend = IpvsBackend::new(options).expect("backend");
     let mut web = port("web", "10.96.0.10", &["10.0.1.10:8080"]);
     web.affinity_timeout = Some(60);
     let text = backend.render(&plan(&[web]), &config());
@@ -607,13 +626,127 @@ fn render_prints_virtual_services_addresses_and_the_table() {
         "{text}"
     );
     assert!(text.contains("# kube-ipvs0 addresses\n10.96.0.10\n"), "{text}");
+    assert!(text.contains("\n--set 3600 0 60\n"), "the timeouts, ipvsadm's way: {text}");
     assert!(text.contains("table ip ferry_ipvs {"), "{text}");
     assert!(text.contains("table ip6 ferry_ipvs {"), "{text}");
 }
 
 #[test]
 fn an_unknown_scheduler_is_refused() {
-    let err =
-        IpvsBackend::new(IpvsOptions { scheduler: "fastest".into(), netns: None }).err().expect("refused");
+    let options = IpvsOptions { scheduler: "fastest".into(), ..IpvsOptions::default() };
+    let err = IpvsBackend::new(options).err().expect("refused");
     assert!(err.to_string().contains("\"fastest\" is not one of rr, wrr"), "{err}");
+}
+
+// ---- timeouts and excludeCIDRs ----
+
+fn with_timeouts(tcp: u32, tcp_fin: u32, udp: u32) -> IpvsOptions {
+    IpvsOptions { timeouts: Timeouts { tcp, tcp_fin, udp }, ..IpvsOptions::default() }
+}
+
+#[test]
+fn timeouts_are_set_at_the_first_full_sync_not_resent_when_unchanged_and_reset_after_drift() {
+    let mut rig = Rig::with_options(with_timeouts(3600, 0, 60));
+    let p1 = plan(&[port("web", "10.96.0.10", &["10.0.1.10:8080"])]);
+    let report = rig.sync(&p1, None);
+    let log = rig.take_log();
+    assert_eq!(log.first().map(String::as_str), Some("--set 3600 0 60"), "{log:?}");
+    assert_eq!(
+        rig.ipvs.get().timeouts,
+        Timeouts { tcp: 3600, tcp_fin: 120, udp: 60 },
+        "the FIN timeout (0) keeps the kernel's value"
+    );
+    assert_eq!(report.operations, 4, "the timeouts, the address, the service and its real server");
+
+    // Unchanged: neither a partial nor a full sync sends them again.
+    let p2 = plan(&[port("web", "10.96.0.10", &["10.0.1.10:8080", "10.0.2.10:8080"])]);
+    rig.sync(&p2, Some(&PlanDiff::between(&p1, &p2)));
+    let report = rig.sync(&p2, None);
+    assert!(!rig.take_log().iter().any(|l| l.starts_with("--set")));
+    assert_eq!(report.operations, 0);
+
+    // Someone else changes one (ipvsadm --set 900 0 0): the next full sync puts it back.
+    rig.ipvs.get().timeouts.tcp = 900;
+    let report = rig.sync(&p2, None);
+    assert_eq!(rig.take_log(), vec!["--set 3600 0 60"]);
+    assert_eq!(report.operations, 1);
+    assert_eq!(rig.ipvs.get().timeouts, Timeouts { tcp: 3600, tcp_fin: 120, udp: 60 });
+}
+
+#[test]
+fn without_timeouts_the_kernels_are_left_alone() {
+    let mut rig = Rig::new();
+    rig.ipvs.get().timeouts = Timeouts { tcp: 7, tcp_fin: 8, udp: 9 };
+    rig.sync(&plan(&[port("web", "10.96.0.10", &["10.0.1.10:8080"])]), None);
+    assert!(!rig.take_log().iter().any(|l| l.starts_with("--set")));
+    assert_eq!(rig.ipvs.get().timeouts, Timeouts { tcp: 7, tcp_fin: 8, udp: 9 });
+}
+
+#[test]
+fn reconfigured_timeouts_apply_at_the_next_sync_even_with_a_diff() {
+    let mut rig = Rig::with_options(with_timeouts(3600, 0, 0));
+    let p = plan(&[port("web", "10.96.0.10", &["10.0.1.10:8080"])]);
+    rig.sync(&p, None);
+    rig.take_log();
+    rig.backend.reconfigure(with_timeouts(1800, 30, 0)).expect("valid options");
+    let report = rig.sync(&p, Some(&PlanDiff::between(&p, &p)));
+    assert!(report.full, "new options: a full sync");
+    assert_eq!(rig.take_log(), vec!["--set 1800 30 0"]);
+    assert_eq!(rig.ipvs.get().timeouts, Timeouts { tcp: 1800, tcp_fin: 30, udp: 300 });
+    let err = rig.backend.reconfigure(with_timeouts(0, 0, u32::MAX)).err().expect("refused");
+    assert!(err.to_string().contains("IPVS UDP timeout 4294967295s is longer than IPVS accepts"), "{err}");
+}
+
+#[test]
+fn absurd_timeouts_are_refused_and_fractions_of_a_second_too() {
+    let err = IpvsBackend::new(with_timeouts(super::MAX_TIMEOUT_SECS + 1, 0, 0)).err().expect("refused");
+    assert!(err.to_string().contains("IPVS TCP timeout 2147484s is longer than IPVS accepts"), "{err}");
+    assert!(IpvsBackend::new(with_timeouts(super::MAX_TIMEOUT_SECS, 1, 1)).is_ok());
+    use std::time::Duration;
+    assert_eq!(super::timeout_secs(Duration::from_secs(900)), Ok(900));
+    assert_eq!(super::timeout_secs(Duration::ZERO), Ok(0));
+    assert_eq!(
+        super::timeout_secs(Duration::from_millis(1500)),
+        Err("IPVS timeouts are whole seconds".to_owned())
+    );
+    assert!(super::timeout_secs(Duration::from_secs(30 * 86400)).is_err());
+}
+
+#[test]
+fn stale_services_in_excluded_cidrs_survive_full_syncs_and_cleanup_while_others_go() {
+    let options = IpvsOptions {
+        exclude_cidrs: vec!["192.168.0.0/24".parse().expect("cidr"), "10.96.5.0/24".parse().expect("cidr")],
+        ..IpvsOptions::default()
+    };
+    let mut rig = Rig::with_options(options);
+    let p = plan(&[port("web", "10.96.0.10", &["10.0.1.10:8080"])]);
+    rig.sync(&p, None);
+    let rr = ServiceSpec::new("rr", IpFamily::V4, None);
+    // Stale services on addresses ferry owns: the node's (someone else's load balancer on
+    // it), kube-ipvs0's inside an excluded CIDR, and kube-ipvs0's outside.
+    let kept_node = tcp("192.168.0.10", 9000);
+    let kept_dummy = tcp("10.96.5.1", 80);
+    let stale = tcp("10.96.0.99", 80);
+    {
+        let mut k = rig.ipvs.get();
+        for key in [kept_node, kept_dummy, stale] {
+            k.add_service(&key, &rr).expect("add");
+        }
+    }
+    rig.links.get().addresses.extend([ip("10.96.5.1"), ip("10.96.0.99")]);
+    rig.take_log();
+    rig.sync(&p, None);
+    assert_eq!(
+        rig.take_log(),
+        vec!["-D -t 10.96.0.99:80", "addr del 10.96.0.99", "addr del 10.96.5.1"],
+        "only the service outside excludeCIDRs goes; stale addresses go as kube-proxy unbinds them"
+    );
+    let left: Vec<ServiceKey> = rig.ipvs.get().table.keys().copied().collect();
+    assert_eq!(left, vec![tcp("10.96.0.10", 80), kept_dummy, kept_node]);
+
+    rig.links.get().node_addresses.insert(ip("192.168.0.10"));
+    rig.links.get().addresses.insert(ip("10.96.5.1"));
+    rig.backend.cleanup().expect("cleanup");
+    let left: Vec<ServiceKey> = rig.ipvs.get().table.keys().copied().collect();
+    assert_eq!(left, vec![kept_dummy, kept_node], "cleanup spares excludeCIDRs too");
 }
