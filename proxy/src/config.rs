@@ -5,8 +5,9 @@
 //! `detectLocalMode: ClusterCIDR`, `nodePortAddresses` (CIDRs and the `primary`, `localhost`,
 //! `all` keywords), `masqueradeAll`, `syncPeriod` / `minSyncPeriod` of the mode's section,
 //! `healthzBindAddress`, `metricsBindAddress`, `bindAddressHardFail`, `bindAddress` (the node's
-//! primary IP when no `--node-ip` is given), `hostnameOverride` (the node name) and
-//! `clientConnection.kubeconfig`. Zero values (`""`, `0s`, `null`) mean "the default", as
+//! primary IP when no `--node-ip` is given), `hostnameOverride` (the node name),
+//! `clientConnection.kubeconfig`, and for the IPVS backend `ipvs.scheduler`, the IPVS
+//! connection timeouts and `ipvs.excludeCIDRs`. Zero values (`""`, `0s`, `null`) mean "the default", as
 //! kube-proxy's defaulting has it.
 //!
 //! Everything else kube-proxy knows is accepted; a value ferry does not apply (conntrack
@@ -137,6 +138,13 @@ pub struct KubeProxyConfig {
     pub masquerade_all: bool,
     /// `ipvs.scheduler`: the IPVS backend's scheduler.
     pub ipvs_scheduler: Option<String>,
+    /// `ipvs.tcpTimeout`, `ipvs.tcpFinTimeout`, `ipvs.udpTimeout`: IPVS connection timeouts,
+    /// whole seconds within what IPVS accepts; None: the kernel's.
+    pub ipvs_tcp_timeout: Option<Duration>,
+    pub ipvs_tcp_fin_timeout: Option<Duration>,
+    pub ipvs_udp_timeout: Option<Duration>,
+    /// `ipvs.excludeCIDRs`: stale IPVS services on these addresses are never deleted.
+    pub ipvs_exclude_cidrs: Vec<IpNet>,
     pub sync_period: Option<Duration>,
     pub min_sync_period: Option<Duration>,
     pub kubeconfig: Option<PathBuf>,
@@ -506,8 +514,22 @@ impl Parser {
                 &mut self.cfg.unknown_fields,
             );
             self.cfg.ipvs_scheduler = s.str("scheduler")?.map(str::to_owned);
-            for name in ["excludeCIDRs", "tcpTimeout", "tcpFinTimeout", "udpTimeout"] {
-                self.not_applied(s, name, "not used by ferry's IPVS backend");
+            let timeout = |name: &str| -> Result<Option<Duration>, ConfigError> {
+                let d = s.duration(name)?;
+                if let (Some(d), Some(v)) = (d, s.get(name)) {
+                    crate::backend::ipvs::timeout_secs(d)
+                        .map_err(|reason| invalid(&s.field(name), v, reason))?;
+                }
+                Ok(d)
+            };
+            self.cfg.ipvs_tcp_timeout = timeout("tcpTimeout")?;
+            self.cfg.ipvs_tcp_fin_timeout = timeout("tcpFinTimeout")?;
+            self.cfg.ipvs_udp_timeout = timeout("udpTimeout")?;
+            for (i, c) in s.str_list("excludeCIDRs")?.into_iter().enumerate() {
+                let net = parse_cidr_sloppy(c).ok_or_else(|| {
+                    invalid(&format!("{}[{i}]", s.field("excludeCIDRs")), &Value::from(c), "not a CIDR")
+                })?;
+                self.cfg.ipvs_exclude_cidrs.push(net);
             }
             self.not_applied(s, "strictARP", "ferry's IPVS backend always sets arp_ignore=1, arp_announce=2");
         }
@@ -836,6 +858,50 @@ winkernel:
         ] {
             assert!(joined.contains(needle), "{needle} missing from {joined}");
         }
+    }
+
+    #[test]
+    fn ipvs_timeouts_and_exclude_cidrs_are_read() {
+        let c = parse(&with(
+            "mode: ipvs\nipvs:\n  tcpTimeout: 1h0m0s\n  tcpFinTimeout: 30s\n  udpTimeout: 0s\n  \
+             excludeCIDRs: [192.168.0.0/24, \"fd00:1::/64\"]\n",
+        ))
+        .unwrap();
+        assert_eq!(c.ipvs_tcp_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(c.ipvs_tcp_fin_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.ipvs_udp_timeout, None, "0s: the kernel's");
+        assert_eq!(
+            c.ipvs_exclude_cidrs,
+            vec!["192.168.0.0/24".parse::<IpNet>().unwrap(), "fd00:1::/64".parse().unwrap()]
+        );
+        assert_eq!(c.not_applied, Vec::<String>::new(), "all four are applied now");
+        let c = parse(KUBEADM_CONFIG).unwrap();
+        assert_eq!((c.ipvs_tcp_timeout, c.ipvs_udp_timeout), (None, None), "kubeadm's 0s");
+        assert!(c.ipvs_exclude_cidrs.is_empty(), "kubeadm's null");
+    }
+
+    #[test]
+    fn invalid_ipvs_timeouts_and_exclude_cidrs_name_the_field_and_the_value() {
+        assert_eq!(
+            err(&with("ipvs:\n  tcpTimeout: -5m\n")),
+            "ipvs.tcpTimeout: \"-5m\": a duration must not be negative"
+        );
+        assert_eq!(
+            err(&with("ipvs:\n  udpTimeout: 100000h\n")),
+            "ipvs.udpTimeout: \"100000h\": longer than IPVS accepts (at most 2147483s, about 24 days)"
+        );
+        assert_eq!(
+            err(&with("ipvs:\n  tcpFinTimeout: 1500ms\n")),
+            "ipvs.tcpFinTimeout: \"1500ms\": IPVS timeouts are whole seconds"
+        );
+        assert_eq!(
+            err(&with("ipvs:\n  excludeCIDRs: [10.0.0.0/8, 10.1.0.0/33]\n")),
+            "ipvs.excludeCIDRs[1]: \"10.1.0.0/33\": not a CIDR"
+        );
+        assert_eq!(
+            err(&with("ipvs:\n  excludeCIDRs: 10.0.0.0/8\n")),
+            "ipvs.excludeCIDRs: \"10.0.0.0/8\": expected a list of strings"
+        );
     }
 
     #[test]

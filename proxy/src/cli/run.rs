@@ -4,15 +4,16 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use clap::Args;
 use tracing::{info, warn};
 
 use super::NodeFlags;
 use crate::admin::{DEFAULT_ADMIN_ADDRESS, parse_admin_address};
-use crate::backend::{BackendKind, BackendOptions, ebpf};
+use crate::backend::{BackendKind, BackendOptions, ebpf, ipvs};
 use crate::config::{self, HEALTHZ_PORT, KubeProxyConfig, METRICS_PORT, parse_bind_address};
 use crate::daemon::{self, DEFAULT_BURST, Settings, Source};
+use crate::model::parse_cidr_sloppy;
 
 /// kube-proxy's defaults.
 pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
@@ -78,6 +79,23 @@ pub struct RunArgs {
     /// [default: --config's ipvs.scheduler, else rr].
     #[arg(long, value_name = "NAME")]
     pub ipvs_scheduler: Option<String>,
+    /// IPVS: idle timeout of established TCP connections, whole seconds; 0 keeps the kernel's
+    /// (15m) [default: --config's ipvs.tcpTimeout, else 0].
+    #[arg(long, value_name = "DUR", value_parser = humantime_duration)]
+    pub ipvs_tcp_timeout: Option<Duration>,
+    /// IPVS: timeout of TCP connections after a FIN, whole seconds; 0 keeps the kernel's (2m)
+    /// [default: --config's ipvs.tcpFinTimeout, else 0].
+    #[arg(long = "ipvs-tcpfin-timeout", value_name = "DUR", value_parser = humantime_duration)]
+    pub ipvs_tcp_fin_timeout: Option<Duration>,
+    /// IPVS: idle timeout of UDP flows, whole seconds; 0 keeps the kernel's (5m) [default:
+    /// --config's ipvs.udpTimeout, else 0].
+    #[arg(long, value_name = "DUR", value_parser = humantime_duration)]
+    pub ipvs_udp_timeout: Option<Duration>,
+    /// IPVS: CIDRs whose virtual services ferry never deletes when it removes stale ones
+    /// (services of other programs on the node's addresses); comma-separated or repeated
+    /// [default: --config's ipvs.excludeCIDRs].
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    pub ipvs_exclude_cidrs: Vec<String>,
 }
 
 /// Parses `500ms`, `2s`, `1m30s`, `1h`; a bare number is seconds.
@@ -194,12 +212,42 @@ pub fn resolve(
         (None, BackendKind::Ebpf) => ebpf::default_cgroup_path(),
         (None, _) => None,
     };
+    // Each timeout flag overrides its own field of the file (0 included: "the kernel's").
+    let ipvs_timeout = |flag: Option<Duration>, name: &str, from_file: Option<Duration>, field: &str| {
+        let (d, source) = match flag {
+            Some(d) => (d, format!("--{name}")),
+            None => (from_file.unwrap_or_default(), format!("ipvs.{field}")),
+        };
+        ipvs::timeout_secs(d).map_err(|e| anyhow!("{source} {}: {e}", config::format_duration(d)))
+    };
+    let ipvs_timeouts = ipvs::Timeouts {
+        tcp: ipvs_timeout(args.ipvs_tcp_timeout, "ipvs-tcp-timeout", file.ipvs_tcp_timeout, "tcpTimeout")?,
+        tcp_fin: ipvs_timeout(
+            args.ipvs_tcp_fin_timeout,
+            "ipvs-tcpfin-timeout",
+            file.ipvs_tcp_fin_timeout,
+            "tcpFinTimeout",
+        )?,
+        udp: ipvs_timeout(args.ipvs_udp_timeout, "ipvs-udp-timeout", file.ipvs_udp_timeout, "udpTimeout")?,
+    };
+    let ipvs_exclude_cidrs = if args.ipvs_exclude_cidrs.is_empty() {
+        file.ipvs_exclude_cidrs.clone()
+    } else {
+        args.ipvs_exclude_cidrs
+            .iter()
+            .map(|c| {
+                parse_cidr_sloppy(c).with_context(|| format!("--ipvs-exclude-cidrs {c:?} is not a CIDR"))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
     let backend_options = BackendOptions {
         bpffs: args.bpffs.clone(),
         cgroup_path,
         interfaces: args.interfaces.clone(),
         tc_attach: args.tc_attach,
         ipvs_scheduler: args.ipvs_scheduler.clone().or_else(|| file.ipvs_scheduler.clone()),
+        ipvs_timeouts,
+        ipvs_exclude_cidrs,
         ..BackendOptions::default()
     };
     Ok(Settings {
@@ -342,6 +390,64 @@ mod tests {
         assert_eq!(s.backend_options.ipvs_scheduler.as_deref(), Some("lc"));
         let s = resolve(&args(&["--node-name=n", "--ipvs-scheduler=mh"]), &f, None).unwrap();
         assert_eq!(s.backend_options.ipvs_scheduler.as_deref(), Some("mh"));
+    }
+
+    #[test]
+    fn ipvs_timeouts_and_exclude_cidrs_come_from_the_flags_over_the_config_file() {
+        let f = file(
+            "mode: ipvs\nipvs:\n  tcpTimeout: 1h\n  tcpFinTimeout: 30s\n  udpTimeout: 2m\n  \
+             excludeCIDRs: [192.168.0.0/24]\n",
+        );
+        let s = resolve(&args(&["--node-name=n"]), &f, None).unwrap();
+        let o = &s.backend_options;
+        assert_eq!(o.ipvs_timeouts, ipvs::Timeouts { tcp: 3600, tcp_fin: 30, udp: 120 });
+        assert_eq!(o.ipvs_exclude_cidrs, vec!["192.168.0.0/24".parse::<ipnet::IpNet>().unwrap()]);
+
+        // One flag overrides its own field only; 0 is a value ("the kernel's"), not "unset".
+        let s = resolve(
+            &args(&[
+                "--node-name=n",
+                "--ipvs-tcp-timeout=15m",
+                "--ipvs-udp-timeout=0",
+                "--ipvs-exclude-cidrs=10.1.0.0/16,fd00:1::/64",
+            ]),
+            &f,
+            None,
+        )
+        .unwrap();
+        let o = &s.backend_options;
+        assert_eq!(o.ipvs_timeouts, ipvs::Timeouts { tcp: 900, tcp_fin: 30, udp: 0 });
+        assert_eq!(
+            o.ipvs_exclude_cidrs,
+            vec!["10.1.0.0/16".parse::<ipnet::IpNet>().unwrap(), "fd00:1::/64".parse().unwrap()]
+        );
+
+        let none = resolve(&args(&["--node-name=n"]), &KubeProxyConfig::default(), None).unwrap();
+        assert_eq!(none.backend_options.ipvs_timeouts, ipvs::Timeouts::default(), "nothing set");
+        assert!(none.backend_options.ipvs_exclude_cidrs.is_empty());
+    }
+
+    #[test]
+    fn invalid_ipvs_flags_are_errors_naming_them() {
+        let err = |flags: &[&str]| {
+            let mut all = vec!["--node-name=n"];
+            all.extend_from_slice(flags);
+            resolve(&args(&all), &KubeProxyConfig::default(), None).unwrap_err().to_string()
+        };
+        assert_eq!(
+            err(&["--ipvs-tcpfin-timeout=1500ms"]),
+            "--ipvs-tcpfin-timeout 1.5s: IPVS timeouts are whole seconds"
+        );
+        assert_eq!(
+            err(&["--ipvs-udp-timeout=1000h"]),
+            "--ipvs-udp-timeout 1000h: longer than IPVS accepts (at most 2147483s, about 24 days)"
+        );
+        assert_eq!(
+            err(&["--ipvs-exclude-cidrs=10.0.0.0/8,nowhere"]),
+            "--ipvs-exclude-cidrs \"nowhere\" is not a CIDR"
+        );
+        let e = Cli::try_parse_from(["ferry", "run", "--ipvs-tcp-timeout=-1s"]).unwrap_err().to_string();
+        assert!(e.contains("--ipvs-tcp-timeout") && e.contains("must not be negative"), "{e}");
     }
 
     #[test]
