@@ -75,27 +75,35 @@ pub struct RunArgs {
     /// [default: the root of the cgroup v2 hierarchy].
     #[arg(long, value_name = "DIR")]
     pub cgroup_path: Option<PathBuf>,
+    #[command(flatten)]
+    pub ipvs: Box<IpvsFlags>,
+}
+
+/// The IPVS backend's flags. Boxed: inline they would make `ferry run`'s arguments a variant
+/// of `cli::Command` over 200 bytes larger than the next one (clippy's large_enum_variant).
+#[derive(Debug, Clone, Args)]
+pub struct IpvsFlags {
     /// IPVS: the scheduler of every virtual service (rr, wrr, lc, wlc, sh, mh, ...)
     /// [default: --config's ipvs.scheduler, else rr].
-    #[arg(long, value_name = "NAME")]
-    pub ipvs_scheduler: Option<String>,
+    #[arg(long = "ipvs-scheduler", value_name = "NAME")]
+    pub scheduler: Option<String>,
     /// IPVS: idle timeout of established TCP connections, whole seconds; 0 keeps the kernel's
     /// (15m) [default: --config's ipvs.tcpTimeout, else 0].
-    #[arg(long, value_name = "DUR", value_parser = humantime_duration)]
-    pub ipvs_tcp_timeout: Option<Duration>,
+    #[arg(long = "ipvs-tcp-timeout", value_name = "DUR", value_parser = humantime_duration)]
+    pub tcp_timeout: Option<Duration>,
     /// IPVS: timeout of TCP connections after a FIN, whole seconds; 0 keeps the kernel's (2m)
     /// [default: --config's ipvs.tcpFinTimeout, else 0].
     #[arg(long = "ipvs-tcpfin-timeout", value_name = "DUR", value_parser = humantime_duration)]
-    pub ipvs_tcp_fin_timeout: Option<Duration>,
+    pub tcp_fin_timeout: Option<Duration>,
     /// IPVS: idle timeout of UDP flows, whole seconds; 0 keeps the kernel's (5m) [default:
     /// --config's ipvs.udpTimeout, else 0].
-    #[arg(long, value_name = "DUR", value_parser = humantime_duration)]
-    pub ipvs_udp_timeout: Option<Duration>,
+    #[arg(long = "ipvs-udp-timeout", value_name = "DUR", value_parser = humantime_duration)]
+    pub udp_timeout: Option<Duration>,
     /// IPVS: CIDRs whose virtual services ferry never deletes when it removes stale ones
     /// (services of other programs on the node's addresses); comma-separated or repeated
     /// [default: --config's ipvs.excludeCIDRs].
-    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
-    pub ipvs_exclude_cidrs: Vec<String>,
+    #[arg(long = "ipvs-exclude-cidrs", value_name = "CIDR", value_delimiter = ',')]
+    pub exclude_cidrs: Vec<String>,
 }
 
 /// Parses `500ms`, `2s`, `1m30s`, `1h`; a bare number is seconds.
@@ -221,19 +229,20 @@ pub fn resolve(
         ipvs::timeout_secs(d).map_err(|e| anyhow!("{source} {}: {e}", config::format_duration(d)))
     };
     let ipvs_timeouts = ipvs::Timeouts {
-        tcp: ipvs_timeout(args.ipvs_tcp_timeout, "ipvs-tcp-timeout", file.ipvs_tcp_timeout, "tcpTimeout")?,
+        tcp: ipvs_timeout(args.ipvs.tcp_timeout, "ipvs-tcp-timeout", file.ipvs_tcp_timeout, "tcpTimeout")?,
         tcp_fin: ipvs_timeout(
-            args.ipvs_tcp_fin_timeout,
+            args.ipvs.tcp_fin_timeout,
             "ipvs-tcpfin-timeout",
             file.ipvs_tcp_fin_timeout,
             "tcpFinTimeout",
         )?,
-        udp: ipvs_timeout(args.ipvs_udp_timeout, "ipvs-udp-timeout", file.ipvs_udp_timeout, "udpTimeout")?,
+        udp: ipvs_timeout(args.ipvs.udp_timeout, "ipvs-udp-timeout", file.ipvs_udp_timeout, "udpTimeout")?,
     };
-    let ipvs_exclude_cidrs = if args.ipvs_exclude_cidrs.is_empty() {
+    let ipvs_exclude_cidrs = if args.ipvs.exclude_cidrs.is_empty() {
         file.ipvs_exclude_cidrs.clone()
     } else {
-        args.ipvs_exclude_cidrs
+        args.ipvs
+            .exclude_cidrs
             .iter()
             .map(|c| {
                 parse_cidr_sloppy(c).with_context(|| format!("--ipvs-exclude-cidrs {c:?} is not a CIDR"))
@@ -245,7 +254,7 @@ pub fn resolve(
         cgroup_path,
         interfaces: args.interfaces.clone(),
         tc_attach: args.tc_attach,
-        ipvs_scheduler: args.ipvs_scheduler.clone().or_else(|| file.ipvs_scheduler.clone()),
+        ipvs_scheduler: args.ipvs.scheduler.clone().or_else(|| file.ipvs_scheduler.clone()),
         ipvs_timeouts,
         ipvs_exclude_cidrs,
         ..BackendOptions::default()

@@ -693,7 +693,7 @@ fn reconfigured_timeouts_apply_at_the_next_sync_even_with_a_diff() {
     assert!(report.full, "new options: a full sync");
     assert_eq!(rig.take_log(), vec!["--set 1800 30 0"]);
     assert_eq!(rig.ipvs.get().timeouts, Timeouts { tcp: 1800, tcp_fin: 30, udp: 300 });
-    let err = rig.backend.reconfigure(with_timeouts(0, 0, u32::MAX)).err().expect("refused");
+    let err = rig.backend.reconfigure(with_timeouts(0, 0, u32::MAX)).expect_err("refused");
     assert!(err.to_string().contains("IPVS UDP timeout 4294967295s is longer than IPVS accepts"), "{err}");
 }
 
