@@ -10,6 +10,9 @@
 //! root namespace or the root cgroup.
 
 mod ebpf_common;
+// Not in ebpf_common: the criterion benches share that module and do not link the sandbox.
+#[path = "ebpf_common/tc.rs"]
+mod tc;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
@@ -18,12 +21,13 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use ebpf_common::{Bpffs, PortPlan, plan_of, tc_programs};
+use ebpf_common::{Bpffs, PortPlan, plan_of};
 use ferry_sandbox::{Cluster, ClusterSpec, Netns, Proto, Reply, Sandbox};
 use proxy::backend::Backend;
 use proxy::backend::ebpf::{EbpfBackend, EbpfOptions, TcAttach, TcHook};
 use proxy::plan::{NodeConfig, Plan};
 use proxy_common::programs;
+use tc::tc_programs;
 
 const PORT: u16 = 8080;
 const TIMEOUT: Duration = Duration::from_secs(2);

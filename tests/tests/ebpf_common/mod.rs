@@ -14,11 +14,8 @@ use proxy::plan::{Plan, PortKey, ServicePortPlan};
 use proxy_common::programs;
 
 mod bpffs;
-mod tc;
 pub mod timing;
 pub use bpffs::Bpffs;
-#[allow(unused_imports, reason = "not every test binary lists TC programs")]
-pub use tc::tc_programs;
 
 /// A service port plan built in code.
 #[derive(Clone)]
