@@ -3,6 +3,9 @@
 //! syncs equal to a full one, and real TCP/UDP traffic through a ClusterIP, a NodePort and a
 //! LoadBalancer IP under policy Local.
 //!
+//! The IPVS connection timeouts a sync sets are read back through `ipvsadm`, and stale
+//! services inside `excludeCIDRs` survive full syncs and cleanup.
+//!
 //! Kernels without IPVS (or the dummy module) cannot run most of them: those are ignored with
 //! the reason, and run inside the test VM (`cargo xtask vm-test`, Debian's 6.1 kernel) or
 //! anywhere with `--include-ignored`. The nftables test runs everywhere. Needs root.
@@ -18,7 +21,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use proxy::backend::ipvs::address::{DUMMY_IFNAME, Rtnetlink, ServiceAddresses};
 use proxy::backend::ipvs::filter;
 use proxy::backend::ipvs::kernel::{Ipvs, NetlinkIpvs};
-use proxy::backend::ipvs::netlink::{Dest, ServiceKey, ServiceSpec};
+use proxy::backend::ipvs::netlink::{Dest, ServiceKey, ServiceSpec, Timeouts};
 use proxy::backend::{BackendKind, BackendOptions, build};
 use proxy::model::{IpFamily, Kind, Protocol};
 use proxy::plan::{NodeConfig, Plan, Planner};
@@ -384,4 +387,106 @@ fn traffic_reaches_pods_through_cluster_ip_nodeport_and_a_local_policy_load_bala
     }
     assert!(seen.contains(&remote), "{seen:?}");
     backend.cleanup().expect("cleanup");
+}
+
+/// `ipvsadm -L --timeout` in `ns`: "Timeout (tcp tcpfin udp): 900 120 300".
+fn ipvsadm_timeouts(ns: &Netns) -> String {
+    let out =
+        ns.exec(&["ipvsadm", "-L", "--timeout"]).expect("ipvsadm -L --timeout (apt-get install ipvsadm)");
+    out.trim().to_owned()
+}
+
+/// The timeouts given to the backend are in the namespace after its first sync (ipvsadm reads
+/// them with its own netlink code), a 0 one keeps the kernel's value, and a full sync puts back
+/// what someone else changed.
+#[test]
+#[ignore = "needs IPVS and the dummy module: cargo xtask vm-test"]
+fn timeouts_are_set_by_the_first_sync_and_repaired_by_a_full_one() {
+    let sb = Sandbox::new("ipvs-timeouts").expect("sandbox");
+    let ns = sb.netns("node").expect("netns");
+    let mut ipvs = NetlinkIpvs::open(Some(ns.name())).expect("ipvs");
+    assert_eq!(ipvs.timeouts().expect("GET_CONFIG"), Timeouts { tcp: 900, tcp_fin: 120, udp: 300 });
+    assert_eq!(ipvsadm_timeouts(&ns), "Timeout (tcp tcpfin udp): 900 120 300", "a fresh namespace");
+
+    let (store, cfg) = store_with(&[web_service(&["10.0.1.10", "10.0.2.10"], 30080, false)]);
+    let plan = planned(&store, &cfg);
+    let options = BackendOptions {
+        netns: Some(ns.name().to_owned()),
+        ipvs_timeouts: Timeouts { tcp: 3600, tcp_fin: 0, udp: 45 },
+        ..BackendOptions::default()
+    };
+    let mut backend = build(BackendKind::Ipvs, &options).expect("backend");
+    backend.sync(&plan, None, &cfg).expect("first sync");
+    assert_eq!(ipvsadm_timeouts(&ns), "Timeout (tcp tcpfin udp): 3600 120 45", "tcpfin 0: unchanged");
+    assert_eq!(ipvs.timeouts().expect("GET_CONFIG"), Timeouts { tcp: 3600, tcp_fin: 120, udp: 45 });
+    let report = backend.sync(&plan, None, &cfg).expect("full sync");
+    assert_eq!(report.operations, 0, "nothing changed: the timeouts are not sent again");
+
+    // Drift: someone runs `ipvsadm --set 900 60 0`.
+    ns.exec(&["ipvsadm", "--set", "900", "60", "0"]).expect("ipvsadm --set");
+    assert_eq!(ipvsadm_timeouts(&ns), "Timeout (tcp tcpfin udp): 900 60 45");
+    let report = backend.sync(&plan, None, &cfg).expect("full sync");
+    assert_eq!(report.operations, 1, "one SET_CONFIG");
+    assert_eq!(
+        ipvsadm_timeouts(&ns),
+        "Timeout (tcp tcpfin udp): 3600 60 45",
+        "ferry's two are back; the FIN timeout it does not set stays as set"
+    );
+    backend.cleanup().expect("cleanup");
+}
+
+/// Stale services on addresses ferry owns (the node's, kube-ipvs0's) are deleted by a full
+/// sync unless their address is in `excludeCIDRs`; cleanup spares those as well.
+#[test]
+#[ignore = "needs IPVS and the dummy module: cargo xtask vm-test"]
+fn stale_services_in_excluded_cidrs_survive_a_full_sync_and_cleanup() {
+    let sb = Sandbox::new("ipvs-exclude").expect("sandbox");
+    let ns = sb.netns("node").expect("netns");
+    ns.ip(&["link", "set", "lo", "up"]).expect("lo up");
+    ns.addr("lo", "192.168.0.10/32").expect("node address");
+    ns.addr("lo", "fd00::10/128").expect("node address");
+    // An IPv4-only Service: its NodePort lives on 192.168.0.10 only, outside the exclusion.
+    let (store, cfg) = store_with(&[web_service(&["10.0.1.10"], 30080, false)]);
+    let plan = planned(&store, &cfg);
+    let options = BackendOptions {
+        netns: Some(ns.name().to_owned()),
+        ipvs_exclude_cidrs: vec!["fd00::/64".parse().expect("cidr")],
+        ..BackendOptions::default()
+    };
+    let mut backend = build(BackendKind::Ipvs, &options).expect("backend");
+    backend.sync(&plan, None, &cfg).expect("first sync");
+    let ours = table(&mut NetlinkIpvs::open(Some(ns.name())).expect("ipvs"));
+
+    // Another program's service on the node's IPv6 address (excluded), one on its IPv4
+    // address and one left on kube-ipvs0 (both not excluded).
+    let mut ipvs = NetlinkIpvs::open(Some(ns.name())).expect("ipvs");
+    let foreign = ServiceKey::Addr { protocol: Protocol::Tcp, addr: ip("fd00::10"), port: 9000 };
+    let stale_node = tcp("192.168.0.10", 9001);
+    let stale_dummy = tcp("10.96.0.99", 80);
+    let mut links = Rtnetlink::open(Some(ns.name())).expect("rtnetlink");
+    links.add(ip("10.96.0.99")).expect("address on kube-ipvs0");
+    ipvs.add_service(&foreign, &ServiceSpec::new("rr", IpFamily::V6, None)).expect("add");
+    ipvs.add_dest(&foreign, &Dest { addr: sa("[fd00::20]:9000"), weight: 1 }).expect("add dest");
+    for key in [stale_node, stale_dummy] {
+        ipvs.add_service(&key, &ServiceSpec::new("rr", IpFamily::V4, None)).expect("add");
+    }
+
+    backend.sync(&plan, None, &cfg).expect("full sync");
+    let mut want = ours.clone();
+    want.insert(
+        foreign,
+        (ServiceSpec::new("rr", IpFamily::V6, None), BTreeMap::from([(sa("[fd00::20]:9000"), 1)])),
+    );
+    assert_eq!(table(&mut ipvs), want, "the excluded service is untouched, the other two are gone");
+    let shown = ns.exec(&["ipvsadm", "-Ln"]).expect("ipvsadm -Ln");
+    assert!(shown.contains("[fd00::10]:9000"), "{shown}");
+    assert!(!shown.contains("192.168.0.10:9001") && !shown.contains("10.96.0.99:80"), "{shown}");
+
+    backend.cleanup().expect("cleanup");
+    assert_eq!(
+        table(&mut ipvs).into_keys().collect::<Vec<_>>(),
+        vec![foreign],
+        "cleanup removed ferry's services and spared the excluded one"
+    );
+    ipvs.del_service(&foreign).expect("delete");
 }
