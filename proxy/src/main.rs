@@ -22,7 +22,11 @@ fn main() -> anyhow::Result<()> {
         Command::Trace(args) => trace::run(&args),
         Command::Status(args) => status::run(&args),
         Command::Cleanup(args) => {
-            let options = BackendOptions { bpffs: args.bpffs.clone(), ..BackendOptions::default() };
+            let options = BackendOptions {
+                bpffs: args.bpffs.clone(),
+                ipvs_exclude_cidrs: args.ipvs_exclude_cidrs.clone(),
+                ..BackendOptions::default()
+            };
             backend::build(args.backend, &options)?.cleanup()?;
             Ok(())
         }

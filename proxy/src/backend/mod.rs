@@ -123,6 +123,13 @@ pub trait Backend: Send {
     /// Removes everything this backend installed.
     fn cleanup(&mut self) -> Result<(), BackendError>;
 
+    /// Takes the options of a reloaded configuration (SIGHUP, `--config` edited). A backend
+    /// whose options can change while it runs keeps the new ones, makes its next sync a full
+    /// one and returns true; the others keep what they were built with (false).
+    fn apply_options(&mut self, _options: &BackendOptions) -> Result<bool, BackendError> {
+        Ok(false)
+    }
+
     /// What this backend has programmed, read back from the kernel, as text for people
     /// (`ferry status`); None when it has no such view or has programmed nothing yet.
     fn programmed(&self) -> Option<String> {

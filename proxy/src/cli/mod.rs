@@ -49,6 +49,14 @@ pub struct CleanupArgs {
     /// eBPF: the bpffs ferry pinned its maps and links under.
     #[arg(long, value_name = "DIR")]
     pub bpffs: Option<std::path::PathBuf>,
+    /// IPVS: virtual services on addresses in these CIDRs are left alone (as `ferry run`'s
+    /// --ipvs-exclude-cidrs / ipvs.excludeCIDRs).
+    #[arg(long = "ipvs-exclude-cidrs", value_name = "CIDR", value_delimiter = ',', value_parser = parse_cidr_arg)]
+    pub ipvs_exclude_cidrs: Vec<ipnet::IpNet>,
+}
+
+fn parse_cidr_arg(s: &str) -> Result<ipnet::IpNet, String> {
+    crate::model::addr::parse_cidr_sloppy(s).ok_or_else(|| format!("{s:?} is not a CIDR"))
 }
 
 /// Flags describing this node, shared by every command that plans.

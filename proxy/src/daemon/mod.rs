@@ -486,6 +486,14 @@ impl Daemon {
             self.settings.sync_burst = new.sync_burst;
             applied.push("sync periods");
         }
+        match self.backend.apply_options(&new.backend_options) {
+            Ok(true) => {
+                self.settings.backend_options = new.backend_options.clone();
+                applied.push("backend options");
+            }
+            Ok(false) => {}
+            Err(e) => error!("the reloaded backend options are refused; the running ones stay: {e}"),
+        }
         info!(applied = ?applied, "configuration reloaded");
     }
 

@@ -31,7 +31,7 @@ use ipnet::IpNet;
 use tracing::{debug, info};
 
 use super::nftables::{NftCommand, NftError, NftRunner};
-use super::{Backend, BackendError, SyncReport};
+use super::{Backend, BackendError, BackendOptions, SyncReport};
 use crate::model::IpFamily;
 use crate::plan::{NodeConfig, Plan, PlanDiff, PortKey};
 use address::{Rtnetlink, ServiceAddresses};
@@ -81,7 +81,7 @@ pub enum IpvsError {
 }
 
 /// What the IPVS backend needs besides the plan.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IpvsOptions {
     /// `--ipvs-scheduler` / `ipvs.scheduler`.
     pub scheduler: String,
@@ -514,6 +514,15 @@ impl Backend for IpvsBackend {
         let report = report?;
         self.last_config = Some(config.clone());
         Ok(report)
+    }
+
+    fn apply_options(&mut self, options: &BackendOptions) -> Result<bool, BackendError> {
+        let new = IpvsOptions { netns: self.options.netns.clone(), ..IpvsOptions::from(options) };
+        if new == self.options {
+            return Ok(false);
+        }
+        self.reconfigure(new)?;
+        Ok(true)
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {

@@ -698,6 +698,32 @@ fn reconfigured_timeouts_apply_at_the_next_sync_even_with_a_diff() {
 }
 
 #[test]
+fn reloaded_options_reach_the_running_backend_through_apply_options() {
+    use crate::backend::{Backend as _, BackendOptions};
+    let mut rig = Rig::with_options(with_timeouts(3600, 0, 0));
+    let p = plan(&[port("web", "10.96.0.10", &["10.0.1.10:8080"])]);
+    rig.sync(&p, None);
+    rig.take_log();
+    let reload = |tcp: u32, scheduler: Option<&str>| BackendOptions {
+        ipvs_timeouts: Timeouts { tcp, tcp_fin: 0, udp: 0 },
+        ipvs_scheduler: scheduler.map(str::to_owned),
+        ..BackendOptions::default()
+    };
+    assert!(!rig.backend.apply_options(&reload(3600, None)).expect("valid"), "nothing changed");
+    assert!(!rig.sync(&p, Some(&PlanDiff::between(&p, &p))).full);
+
+    assert!(rig.backend.apply_options(&reload(1800, Some("lc"))).expect("valid"), "taken");
+    let report = rig.sync(&p, Some(&PlanDiff::between(&p, &p)));
+    assert!(report.full, "new options: a full sync");
+    assert_eq!(rig.ipvs.get().timeouts.tcp, 1800);
+    assert!(rig.ipvs.get().dump().contains("-s lc"), "{}", rig.ipvs.get().dump());
+
+    let refused = rig.backend.apply_options(&reload(1800, Some("nope")));
+    assert!(refused.is_err(), "an unknown scheduler is refused");
+    assert!(rig.ipvs.get().dump().contains("-s lc"), "and the running options stay");
+}
+
+#[test]
 fn absurd_timeouts_are_refused_and_fractions_of_a_second_too() {
     let err = IpvsBackend::new(with_timeouts(super::MAX_TIMEOUT_SECS + 1, 0, 0)).err().expect("refused");
     assert!(err.to_string().contains("IPVS TCP timeout 2147484s is longer than IPVS accepts"), "{err}");
