@@ -316,7 +316,9 @@ impl Plane {
         let pod = cluster.pods.first().context("the cluster has no pod")?;
         ensure!(pod.ip4 == SERVER_POD, "the server pod is {}, expected {SERVER_POD}", pod.ip4);
         let iperf = if iperf {
-            let p = pod.ns.spawn(&["iperf3", "-s", "-p", "5201", "--forceflush"])?;
+            let mut args = vec!["iperf3", "-s", "-p", "5201", "--forceflush"];
+            args.extend(IPERF_SERVER_CPU);
+            let p = pod.ns.spawn(&args)?;
             p.wait_for_output("Server listening", Duration::from_secs(10))?;
             Some(p)
         } else {
@@ -578,10 +580,19 @@ fn one_connection(target: SocketAddr) -> Result<(Duration, SocketAddr)> {
     Ok((took, reply.server))
 }
 
+/// iperf3's server and client each pinned to a core of their own (`-A`), so every data plane
+/// is measured with the same placement. Left to the scheduler, single runs clustered at
+/// ≈ 16.5 or ≈ 20 Gbit/s for every data plane alike (where the two processes landed); the
+/// sender's core also runs the veth path (both TC programs, netfilter) in its softirq.
+const IPERF_SERVER_CPU: [&str; 2] = ["-A", "0"];
+const IPERF_CLIENT_CPU: [&str; 2] = ["-A", "1"];
+
 /// iperf3 from `client` to `target` for `seconds` (+1 omitted), in Gbit/s.
 fn throughput(client: &Netns, target: SocketAddr, seconds: u32, server: &Process) -> Result<f64> {
     let (ip, port, secs) = (target.ip().to_string(), target.port().to_string(), seconds.to_string());
-    let args = ["iperf3", "-c", &ip, "-p", &port, "-t", &secs, "-O", "1", "-J", "--connect-timeout", "3000"];
+    let mut args =
+        vec!["iperf3", "-c", &ip, "-p", &port, "-t", &secs, "-O", "1", "-J", "--connect-timeout", "3000"];
+    args.extend(IPERF_CLIENT_CPU);
     let bound = Duration::from_secs(u64::from(seconds) + 20);
     let out = match timed_command(client, &args, None, bound) {
         Ok((_, out)) => out,
