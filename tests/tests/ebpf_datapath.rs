@@ -234,15 +234,9 @@ fn session_affinity_sends_every_new_connection_of_a_client_to_one_endpoint() {
     }
 }
 
-/// With 10,000 services × 10 endpoints loaded: the kernel-timed cost of one run per path, each
-/// run on a fresh copy of its frame (see `ebpf_common::timing` for why not `repeat`), medians
-/// of interleaved rounds, beside an empty program's (the harness's own cost). The counters
-/// prove that every timed run took the path it is named after. Timing is only printed (the
-/// figures go to docs/ebpf.md); the bound is a sanity check, far above any real cost.
-#[test]
-fn a_program_run_costs_little_with_ten_thousand_services() {
-    use ebpf_common::timing::{EmptyProgram, interleaved_medians, run_once_ns};
-    let ports: Vec<PortPlan> = (0..10_000u32)
+/// 10,000 ClusterIP services (10.96.0.1 …) × 10 endpoints each, spread over three nodes.
+fn ten_thousand_services() -> Vec<PortPlan> {
+    (0..10_000u32)
         .map(|i| {
             let vip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
             let eps: Vec<SocketAddr> = (0..10)
@@ -252,7 +246,18 @@ fn a_program_run_costs_little_with_ten_thousand_services() {
                 .collect();
             PortPlan::cluster_ip(&format!("svc{i}"), &vip, 80, &eps)
         })
-        .collect();
+        .collect()
+}
+
+/// With 10,000 services × 10 endpoints loaded: the kernel-timed cost of one run per path, each
+/// run on a fresh copy of its frame (see `ebpf_common::timing` for why not `repeat`), medians
+/// of interleaved rounds, beside an empty program's (the harness's own cost). The counters
+/// prove that every timed run took the path it is named after. Timing is only printed (the
+/// figures go to docs/ebpf.md); the bound is a sanity check, far above any real cost.
+#[test]
+fn a_program_run_costs_little_with_ten_thousand_services() {
+    use ebpf_common::timing::{EmptyProgram, interleaved_medians, run_once_ns};
+    let ports = ten_thousand_services();
     let (_fs, mut kernel) = load("per_packet", &ports);
     let (client, vip) = (v4("10.0.1.2"), v4("10.96.20.5"));
     let syn = Frame::tcp4(client, 40000, vip, 80, Frame::SYN);
@@ -336,17 +341,7 @@ fn compare_objects() {
     let spec = std::env::var("FERRY_EBPF_OBJECTS").unwrap_or_default();
     let objects: Vec<(&str, &str)> = spec.split(',').filter_map(|o| o.split_once('=')).collect();
     assert!(!objects.is_empty(), "FERRY_EBPF_OBJECTS=name=path,… names the objects to compare");
-    let ports: Vec<PortPlan> = (0..10_000u32)
-        .map(|i| {
-            let vip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
-            let eps: Vec<SocketAddr> = (0..10)
-                .map(|e| {
-                    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, (e % 3) as u8 + 1, 10 + e as u8)), 8080)
-                })
-                .collect();
-            PortPlan::cluster_ip(&format!("svc{i}"), &vip, 80, &eps)
-        })
-        .collect();
+    let ports = ten_thousand_services();
     let (fs, kernel) = load("compare_objects", &ports);
     let (client, vip) = (v4("10.0.1.2"), v4("10.96.20.5"));
     let syn = Frame::tcp4(client, 40000, vip, 80, Frame::SYN);
