@@ -122,6 +122,9 @@ pub struct Kernel {
     pins: PathBuf,
     maps: KernelMaps,
     sizes: MapSizes,
+    /// Interfaces cleared of what an earlier run left on the other TC hook: once per
+    /// interface and process, not at every full sync (a new device carries nothing).
+    swept: std::collections::HashSet<String>,
 }
 
 impl Kernel {
@@ -152,7 +155,7 @@ impl Kernel {
             prog.load().map_err(|e| setup(format!("verifying {name}"), e))?;
         }
         let maps = KernelMaps::take(&mut ebpf, sizes)?;
-        Ok(Self { ebpf, pins, maps, sizes: sizes.clone() })
+        Ok(Self { ebpf, pins, maps, sizes: sizes.clone(), swept: Default::default() })
     }
 
     pub fn maps(&mut self) -> &mut KernelMaps {
@@ -179,20 +182,26 @@ impl Kernel {
     /// namespace through `hook`, replacing the program of ferry's existing attachment
     /// atomically, and removes an attachment ferry left there through the other hook.
     pub fn attach_tc(&mut self, iface: &str, hook: TcHook) -> Result<(), KernelError> {
+        let sweep = !self.swept.contains(iface);
         for (name, attach, dir) in TC_PROGRAMS {
             match hook {
                 TcHook::Tcx => {
                     self.attach_tcx(iface, name, attach, dir)?;
                     // A filter from a run with --tc-attach=netlink would translate twice.
-                    detach_filter(iface, name, attach)?;
+                    if sweep {
+                        detach_filter(iface, name, attach)?;
+                    }
                 }
                 TcHook::Netlink => {
                     self.attach_filter(iface, name, attach)?;
                     // Unpinning releases the TCX link of a run with --tc-attach=tcx.
-                    let _ = std::fs::remove_file(self.link_pin(iface, dir));
+                    if sweep {
+                        let _ = std::fs::remove_file(self.link_pin(iface, dir));
+                    }
                 }
             }
         }
+        self.swept.insert(iface.to_owned());
         Ok(())
     }
 
