@@ -274,21 +274,34 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ParseError> {
         }
         _ => return Err(ParseError),
     }
-    let Some(fe) = lookup_frontend(&s.pkt.flow, &mut s.key) else {
-        if s.pkt.flow.protocol != protocol::TCP || s.pkt.is_tcp_syn() {
-            end_superseded_connection(ctx, s);
+    let syn = s.pkt.is_tcp_syn();
+    // A TCP packet after the SYN follows its connection's entry before any frontend lookup,
+    // as netfilter's conntrack keeps NATing an established connection whatever happens to the
+    // rules: a deleted frontend's connections keep their endpoint (as with the nftables
+    // backend and kube-proxy), and the established path costs one lookup, not two.
+    if s.pkt.flow.protocol == protocol::TCP && !syn {
+        if let Some(entry) = CONNTRACK.get_ptr(&s.pkt.flow) {
+            // SAFETY: a map value, valid during this run; copied out at once (the program
+            // writes entries whole).
+            copy_ct(&mut s.ct, unsafe { &*entry });
+            return follow_connection(ctx, s);
+        }
+        if lookup_frontend(&s.pkt.flow, &mut s.key).is_some() {
+            count(Stat::NoConnection);
+            return Ok(TC_ACT_OK as i32);
         }
         return Ok(no_frontend(ctx, s));
+    }
+    let Some(fe) = lookup_frontend(&s.pkt.flow, &mut s.key) else {
+        end_superseded_connection(ctx, s);
+        return Ok(no_frontend(ctx, s));
     };
-    // A known connection follows its entry; a TCP SYN re-chooses unless the frontend still
-    // uses the set the entry came from (a retransmitted SYN keeps its endpoint).
-    let syn = s.pkt.is_tcp_syn();
+    // A UDP/SCTP packet follows its entry; a TCP SYN re-chooses unless the frontend still uses
+    // the set the entry came from (a retransmitted SYN keeps its endpoint).
     if let Some(entry) = CONNTRACK.get_ptr(&s.pkt.flow) {
-        // SAFETY: a map value, valid during this run; copied out at once (the program writes
-        // entries whole).
+        // SAFETY: as above.
         copy_ct(&mut s.ct, unsafe { &*entry });
-        let keep = !syn || s.ct.set == fe.set || s.ct.set == fe.sc_set;
-        if keep {
+        if !syn || s.ct.set == fe.set || s.ct.set == fe.sc_set {
             if syn {
                 // A (re)opening keeps its reply entry too, whatever evicted or ended it.
                 s.flow = s.pkt.flow;
@@ -297,24 +310,26 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ParseError> {
                     count(Stat::MapUpdateFailed);
                 }
             }
-            // SAFETY: fields of 4-aligned types.
-            unsafe { copy_addr(&mut s.rw.new_addr, &s.ct.addr) };
-            s.rw.new_port = s.ct.port;
-            rewrite(ctx, &s.pkt, true, &mut s.rw)?;
-            if s.ct.flags & ct::MASQUERADE != 0 {
-                set_mark(ctx, mark::MASQUERADE);
-            }
-            count(Stat::Established);
-            return Ok(TC_ACT_OK as i32);
+            return follow_connection(ctx, s);
         }
-    }
-    if s.pkt.flow.protocol == protocol::TCP && !syn {
-        count(Stat::NoConnection);
-        return Ok(TC_ACT_OK as i32);
     }
     copy_frontend(&mut s.fe, fe);
     s.flow = s.pkt.flow;
     Ok(new_connection(ctx, s))
+}
+
+/// DNAT of a packet of the known connection `s.ct`.
+#[inline(always)]
+fn follow_connection(ctx: &TcContext, s: &mut Scratch) -> Result<i32, ParseError> {
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut s.rw.new_addr, &s.ct.addr) };
+    s.rw.new_port = s.ct.port;
+    rewrite(ctx, &s.pkt, true, &mut s.rw)?;
+    if s.ct.flags & ct::MASQUERADE != 0 {
+        set_mark(ctx, mark::MASQUERADE);
+    }
+    count(Stat::Established);
+    Ok(TC_ACT_OK as i32)
 }
 
 /// Copies a map value field by field (see [`set_flow_tail`] for why not `*dst = *src`).

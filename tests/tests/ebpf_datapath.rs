@@ -326,6 +326,70 @@ fn a_program_run_costs_little_with_ten_thousand_services() {
     assert!(medians[1] < 10_000, "an established packet costs {} ns", medians[1]);
 }
 
+/// The method, BPF_PROG_TEST_RUN with `repeat` (the kernel's average over N runs on
+/// one skb, cache-warm), made to measure what it names: a rewriting path sees its own output
+/// from the second run on, so the fixture adds two services whose only endpoint is the other's
+/// ClusterIP, and a client connection to each. An established packet to A is DNATed to B,
+/// which is then a packet of the connection to B, DNATed back to A, and so on: every run is an
+/// established service hit (the counters check it), and the same for the replies. Each case
+/// takes turns round after round beside the empty program; medians of the rounds' averages.
+/// Only printed (docs/ebpf.md), never asserted.
+#[test]
+fn repeated_runs_of_a_packet_that_stays_a_service_hit_with_ten_thousand_services() {
+    use ebpf_common::timing::{EmptyProgram, median};
+    let (a, b) = ("10.96.100.1", "10.96.100.2");
+    let mut ports = ten_thousand_services();
+    // Ports change too, as from a service port to a target port (one more checksum update).
+    ports.push(PortPlan::cluster_ip("cycle-a", a, 80, &[sock(&format!("{b}:8080"))]));
+    ports.push(PortPlan::cluster_ip("cycle-b", b, 8080, &[sock(&format!("{a}:80"))]));
+    let (_fs, mut kernel) = load("per_packet_repeat", &ports);
+    let client = v4("10.0.1.2");
+    for (vip, other) in [((a, 80), (b, 8080)), ((b, 8080), (a, 80))] {
+        let syn = TestRun::ingress(&kernel, &Frame::tcp4(client, 40000, v4(vip.0), vip.1, Frame::SYN));
+        assert_eq!(syn.parse().dst, SocketAddr::new(IpAddr::V4(v4(other.0)), other.1));
+    }
+    let ack = Frame::tcp4(client, 40000, v4(a), 80, Frame::ACK);
+    let reply = Frame::tcp4(v4(b), 8080, client, 40000, Frame::ACK);
+    let miss = Frame::tcp4(client, 40000, v4("192.0.2.1"), 80, Frame::ACK);
+    let stranger = Frame::tcp4(v4("10.0.1.10"), 8080, client, 40001, Frame::ACK);
+    let mut arp = miss.clone();
+    arp.0[12..14].copy_from_slice(&[0x08, 0x06]);
+    let cases = [
+        (
+            "ingress, packet of an established service connection",
+            programs::TC_INGRESS,
+            &ack,
+            Stat::Established,
+        ),
+        ("ingress, TCP packet to no service", programs::TC_INGRESS, &miss, Stat::ServiceMiss),
+        ("ingress, non-IP frame", programs::TC_INGRESS, &arp, Stat::NotApplicable),
+        ("egress, reply of a service connection", programs::TC_EGRESS, &reply, Stat::ReverseNat),
+        ("egress, packet without a reverse entry", programs::TC_EGRESS, &stranger, Stat::ReverseNat),
+    ];
+    let (rounds, repeat) = (15, 100_000u32);
+    let empty = EmptyProgram::load();
+    let mut empty_samples = Vec::new();
+    let mut samples = vec![Vec::new(); cases.len()];
+    for _ in 0..rounds {
+        empty_samples.push(empty.repeat_ns(&ack, repeat));
+        for ((_, program, frame, stat_of), out) in cases.iter().zip(samples.iter_mut()) {
+            let before = stat(&mut kernel, *stat_of);
+            out.push(TestRun::repeat(&kernel, program, frame, repeat) as u32);
+            let counted = stat(&mut kernel, *stat_of) - before;
+            // A reply without a reverse entry counts nothing.
+            let expected = if std::ptr::eq(*frame, &stranger) { 0 } else { u64::from(repeat) };
+            assert_eq!(counted, expected, "runs counted as {stat_of:?} for {:?}", frame.0.len());
+        }
+    }
+    let floor = median(&mut empty_samples);
+    println!("per packet with 10,000 services, median of {rounds} averages of {repeat} repeated runs:");
+    println!("  empty program (harness floor): {floor} ns");
+    for ((name, ..), s) in cases.iter().zip(samples.iter_mut()) {
+        let m = median(s);
+        println!("  {name}: {m} ns ({} ns above the empty program)", i64::from(m) - i64::from(floor));
+    }
+}
+
 /// A tool, not a check: times variants of the eBPF object against each other, interleaved, on
 /// the frames of the test above. `FERRY_EBPF_OBJECTS=name=path,name=path` names objects built
 /// from modified sources (`cargo xtask build-ebpf`, then copy `target/bpf/…/ferry-ebpf`); each is
@@ -438,6 +502,37 @@ fn udp_flows_to_an_endpoint_that_went_away_choose_again_after_the_sync() {
     let gone = proxy::backend::ebpf::gone_udp_endpoints(&diff);
     assert_eq!(kernel.maps().purge_udp_connections(&gone), 1);
     assert_eq!(TestRun::ingress(&kernel, &datagram).parse().dst, b, "after the purge the flow chooses again");
+}
+
+/// As netfilter's conntrack keeps NATing an established connection whatever the rules become
+/// (the nftables backend, kube-proxy), a TCP connection keeps its endpoint both ways after its
+/// frontend is deleted; a new connection to the address is no longer translated (dropped: the
+/// address is now an unallocated one of the service CIDR).
+#[test]
+fn an_established_tcp_connection_outlives_its_deleted_frontend_and_new_ones_are_dropped() {
+    let endpoint = sock("10.0.1.10:8080");
+    let (_fs, mut kernel) =
+        load("deleted_frontend", &[PortPlan::cluster_ip("web", "10.96.0.10", 80, &[endpoint])]);
+    let (client, vip) = (v4("10.0.1.2"), v4("10.96.0.10"));
+    assert_eq!(
+        TestRun::ingress(&kernel, &Frame::tcp4(client, 40000, vip, 80, Frame::SYN)).parse().dst,
+        endpoint
+    );
+
+    let mut state = State::new(maglev::DEFAULT_TABLE_SIZE);
+    state.full(&plan_of(&[]), &config(), kernel.maps()).expect("a full sync without the service");
+    let established = stat(&mut kernel, Stat::Established);
+    let out = TestRun::ingress(&kernel, &Frame::tcp4(client, 40000, vip, 80, Frame::ACK)).parse();
+    assert_eq!(out.dst, endpoint, "the established connection");
+    assert!(out.checksums_valid, "{out:?}");
+    assert_eq!(stat(&mut kernel, Stat::Established), established + 1);
+    let reply = TestRun::egress(&kernel, &Frame::tcp4(v4("10.0.1.10"), 8080, client, 40000, Frame::ACK));
+    assert_eq!(reply.parse().src, sock("10.96.0.10:80"), "its reply");
+
+    let syn = TestRun::ingress(&kernel, &Frame::tcp4(client, 40001, vip, 80, Frame::SYN));
+    assert_eq!(syn.verdict, TC_ACT_SHOT, "a new connection to the deleted frontend");
+    let datagram = TestRun::ingress(&kernel, &Frame::udp4(client, 40000, vip, 80, b"q"));
+    assert_eq!(datagram.verdict, TC_ACT_SHOT, "a datagram to the deleted frontend");
 }
 
 /// The benchmarks' bug: a client connects to a ClusterIP from source port S (translated to

@@ -54,8 +54,13 @@ impl EmptyProgram {
     }
 
     /// One kernel-timed run on `frame`, in nanoseconds.
-    #[expect(unsafe_code, reason = "bpf(2) BPF_PROG_TEST_RUN through libc")]
     pub fn run_ns(&self, frame: &Frame) -> u32 {
+        self.repeat_ns(frame, 1)
+    }
+
+    /// The kernel's average over `repeat` runs on one copy of `frame`, in nanoseconds.
+    #[expect(unsafe_code, reason = "bpf(2) BPF_PROG_TEST_RUN through libc")]
+    pub fn repeat_ns(&self, frame: &Frame, repeat: u32) -> u32 {
         let mut out = vec![0u8; frame.0.len() + 256];
         let mut attr = [0u8; ATTR_LEN];
         attr[0..4].copy_from_slice(&(self.fd.as_raw_fd() as u32).to_ne_bytes());
@@ -63,7 +68,7 @@ impl EmptyProgram {
         attr[12..16].copy_from_slice(&(out.len() as u32).to_ne_bytes());
         attr[16..24].copy_from_slice(&(frame.0.as_ptr() as u64).to_ne_bytes());
         attr[24..32].copy_from_slice(&(out.as_mut_ptr() as u64).to_ne_bytes());
-        attr[32..36].copy_from_slice(&1u32.to_ne_bytes());
+        attr[32..36].copy_from_slice(&repeat.to_ne_bytes());
         // SAFETY: as in `load`; `out` is writable for its whole length.
         let rc =
             unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, attr.as_mut_ptr(), ATTR_LEN as u32) };
