@@ -557,7 +557,15 @@ fn a_removed_service_loses_its_rules_and_its_cluster_ip_is_then_dropped(backend:
     let web = Svc::new("web", 10).ready(&fx.serving_pods());
     let mut gone = Svc::new("gone", 12).node_port(30040, 30041).ready(&fx.serving_pods());
     gone.affinity_timeout = Some(60);
-    fx.start(&[&web, &gone]);
+    let pod0 = fx.cluster.pods[0].clone();
+    let mut echo = Svc::new("echo", 95).ready(&[&pod0]);
+    echo.ports = vec![SvcPort { name: "echo", proto: Proto::Tcp, port: 90, node_port: None }];
+    echo.target_port = 9000;
+    let _servers: Vec<EchoServer> = Family::ALL
+        .into_iter()
+        .map(|f| EchoServer::start(&pod0.ns, SocketAddr::new(pod_ip(&pod0, f), 9000)))
+        .collect();
+    fx.start(&[&web, &gone, &echo]);
     // As in the unallocated-address test: a `prohibit` route tells a DROP from no rule at all.
     // Routing never sees the address while it is a ClusterIP: the DNAT comes first.
     let node = &fx.cluster.node.ns;
@@ -570,10 +578,24 @@ fn a_removed_service_loses_its_rules_and_its_cluster_ip_is_then_dropped(backend:
         request(client, Proto::Tcp, fx.cluster_addr(12, family, 80));
         request(&fx.cluster.ext.ns, Proto::Tcp, fx.node_addr(family, 30040));
     }
+    let mut conns: Vec<Conn> =
+        Family::ALL.into_iter().map(|f| Conn::open(client, fx.cluster_addr(95, f, 90))).collect();
+    for c in &mut conns {
+        c.echo("before the service is removed");
+    }
     // Removed right after a full sync, so that a partial sync removes it.
     fx.wait_for_sync(fx.mark(), SyncKind::Full, SYNC_PERIOD * 3);
+    fx.delete(&echo);
     fx.delete(&gone);
     let after_partial = fx.programmed();
+    // An established TCP connection keeps its endpoint, as netfilter's conntrack keeps its NAT
+    // (kube-proxy's iptables and nftables modes). IPVS, as kube-proxy's IPVS mode, unbinds the
+    // ClusterIP from its dummy interface, so the connection's packets are no longer local.
+    if backend != Backend::Ipvs {
+        for c in &mut conns {
+            c.echo("after its service was removed");
+        }
+    }
     for family in Family::ALL {
         for (proto, port) in PORTS {
             assert_dropped(
