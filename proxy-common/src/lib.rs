@@ -83,8 +83,12 @@ pub mod maps {
     /// `PerCpuArray<u64>` of packet counters, indexed by [`crate::Stat`]; userspace sums the
     /// per-CPU values.
     pub const STATS: &str = "STATS";
+    /// `Array<u64>`: a bitmap over destination addresses that may be a frontend, so that a
+    /// packet to any other address skips the hash lookups ([`crate::frontend_filter`]).
+    pub const FRONTEND_FILTER: &str = "FRONTEND_FILTER";
+    pub const FRONTEND_FILTER_MAX_ENTRIES: u32 = 1 + (1 << (crate::frontend_filter::BITS_LOG2 - 6));
     /// Every map userspace pins, in the order it creates entries.
-    pub const PINNED: [&str; 12] = [
+    pub const PINNED: [&str; 13] = [
         SERVICES,
         ENDPOINTS,
         MAGLEV,
@@ -97,7 +101,43 @@ pub mod maps {
         SOURCE_RANGES,
         SOCK_REVNAT,
         STATS,
+        FRONTEND_FILTER,
     ];
+}
+
+/// [`maps::FRONTEND_FILTER`]: one bit per hash of a destination address, set for every
+/// address a frontend key names (and every node address NodePorts answer on) before its
+/// `SERVICES` entry is written. A clear bit proves the address is no frontend, so the TC
+/// program skips `CONNTRACK`, `SERVICES` and `NODE_ADDRS` for it; a set bit proves nothing
+/// (collisions), the full path decides. Bits are never cleared while ferry runs: a deleted
+/// frontend's TCP connections keep following their `CONNTRACK` entries (docs/ebpf.md).
+/// Word [`ENABLED_WORD`](frontend_filter::ENABLED_WORD) is non-zero once every bit is in place;
+/// until then (a first start, an upgrade that brings the map) the program ignores the filter.
+pub mod frontend_filter {
+    /// log2 of the number of bits: 2^20 bits, 128 KiB.
+    pub const BITS_LOG2: u32 = 20;
+    /// Index of the word that says the filter is complete.
+    pub const ENABLED_WORD: u32 = 0;
+
+    /// The bit of an address given as its four 4-byte words (native byte order, as read from
+    /// the 16-byte map form): multiplicative hashing of their XOR.
+    #[inline(always)]
+    pub const fn bit_of_words(w: [u32; 4]) -> u32 {
+        (w[0] ^ w[1] ^ w[2] ^ w[3]).wrapping_mul(0x9e37_79b1) >> (32 - BITS_LOG2)
+    }
+
+    /// The bit of a 16-byte (IPv4-mapped) address.
+    #[inline(always)]
+    pub fn bit(addr: &[u8; 16]) -> u32 {
+        let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+        bit_of_words([w(0), w(4), w(8), w(12)])
+    }
+
+    /// The array index (after [`ENABLED_WORD`]) and mask of a bit.
+    #[inline(always)]
+    pub const fn word_and_mask(bit: u32) -> (u32, u64) {
+        (1 + (bit >> 6), 1u64 << (bit & 63))
+    }
 }
 
 /// IANA protocol numbers of the transport protocols a service port can use.
@@ -558,6 +598,27 @@ mod tests {
         let key = FrontendKey::ipv6(addr, 53, protocol::TCP);
         assert_eq!(key.addr, addr);
         assert_eq!(key.port.to_ne_bytes(), [0, 53]);
+    }
+
+    #[test]
+    fn frontend_filter_spreads_a_service_cidr_over_distinct_bits() {
+        use frontend_filter::{BITS_LOG2, bit, word_and_mask};
+        extern crate std;
+        // Every address of a /16 (ClusterIPs are allocated from such ranges): few share a bit.
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..65_536u32 {
+            let [_, _, c, d] = i.to_be_bytes();
+            let b = bit(&ipv4_mapped([10, 96, c, d]));
+            assert!(b < 1 << BITS_LOG2);
+            seen.insert(b);
+        }
+        assert!(seen.len() > 60_000, "{} distinct bits for 65,536 addresses", seen.len());
+        let (word, mask) = word_and_mask(bit(&ipv4_mapped([10, 96, 0, 10])));
+        assert!((1..maps::FRONTEND_FILTER_MAX_ENTRIES).contains(&word) && mask.count_ones() == 1);
+        assert_ne!(
+            bit(&ipv4_mapped([10, 96, 0, 10])),
+            bit(&[0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a])
+        );
     }
 
     #[test]

@@ -19,13 +19,13 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_addr},
     helpers::{bpf_csum_diff, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, classifier, map},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{SockAddrContext, TcContext},
 };
 use proxy_common::{
     AffinityKey, AffinityValue, CtValue, Endpoint, EndpointKey, FlowKey, FrontendKey, FrontendValue,
     MaglevTable, NODE_PORT_ADDR_V4, NODE_PORT_ADDR_V6, RevNatValue, SockKey, SourceRangeKey, Stat, crc32c,
-    ct, dst_policy, flow_hash, frontend, maps as m, mark, node_addr, protocol,
+    ct, dst_policy, flow_hash, frontend, frontend_filter, maps as m, mark, node_addr, protocol,
 };
 
 #[map]
@@ -60,6 +60,8 @@ static SOCK_REVNAT: LruHashMap<SockKey, RevNatValue> =
 /// Per-CPU packet counters indexed by `proxy_common::Stat`.
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+#[map]
+static FRONTEND_FILTER: Array<u64> = Array::with_max_entries(m::FRONTEND_FILTER_MAX_ENTRIES, 0);
 
 /// `BPF_F_NO_PREALLOC` (LPM tries require it).
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -275,6 +277,12 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ParseError> {
         _ => return Err(ParseError),
     }
     let syn = s.pkt.is_tcp_syn();
+    if !may_be_frontend(&s.pkt.flow) {
+        if s.pkt.flow.protocol != protocol::TCP || syn {
+            end_superseded_connection(ctx, s);
+        }
+        return Ok(no_frontend(ctx, s));
+    }
     // A TCP packet after the SYN follows its connection's entry before any frontend lookup,
     // as netfilter's conntrack keeps NATing an established connection whatever happens to the
     // rules: a deleted frontend's connections keep their endpoint (as with the nftables
@@ -316,6 +324,22 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ParseError> {
     copy_frontend(&mut s.fe, fe);
     s.flow = s.pkt.flow;
     Ok(new_connection(ctx, s))
+}
+
+/// False when [`FRONTEND_FILTER`] proves that `flow`'s destination is no frontend address (and
+/// was none since ferry started: bits stay set), so no map of the translation path can match.
+#[inline(always)]
+fn may_be_frontend(flow: &FlowKey) -> bool {
+    let [a, b] = daddr_words(flow);
+    // The XOR of the address's four 4-byte words, as `frontend_filter::bit` folds them.
+    let x = a ^ b;
+    let bit = frontend_filter::bit_of_words([x as u32, (x >> 32) as u32, 0, 0]);
+    let (word, mask) = frontend_filter::word_and_mask(bit);
+    if FRONTEND_FILTER.get(word).is_none_or(|w| *w & mask != 0) {
+        return true;
+    }
+    // A clear bit counts once the filter is complete.
+    FRONTEND_FILTER.get(frontend_filter::ENABLED_WORD).is_none_or(|w| *w == 0)
 }
 
 /// DNAT of a packet of the known connection `s.ct`.

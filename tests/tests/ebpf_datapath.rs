@@ -535,6 +535,39 @@ fn an_established_tcp_connection_outlives_its_deleted_frontend_and_new_ones_are_
     assert_eq!(datagram.verdict, TC_ACT_SHOT, "a datagram to the deleted frontend");
 }
 
+/// The program consults the frontend filter: with a frontend's bit cleared by hand its address
+/// is no frontend any more (a SYN gets the REJECT of an allocated ClusterIP without an entry
+/// for the port, the connection's next packet passes untranslated); a filter not switched on
+/// yet is ignored.
+#[test]
+fn a_clear_frontend_filter_bit_skips_the_lookups_and_a_filter_not_switched_on_is_ignored() {
+    use proxy::backend::ebpf::maps::DataPathMaps;
+    use proxy_common::frontend_filter;
+    let endpoint = sock("10.0.1.10:8080");
+    let (_fs, mut kernel) =
+        load("frontend_filter", &[PortPlan::cluster_ip("web", "10.96.0.10", 80, &[endpoint])]);
+    let (client, vip) = (v4("10.0.1.2"), v4("10.96.0.10"));
+    assert_eq!(
+        TestRun::ingress(&kernel, &Frame::tcp4(client, 40000, vip, 80, Frame::SYN)).parse().dst,
+        endpoint
+    );
+    let ack = Frame::tcp4(client, 40000, vip, 80, Frame::ACK);
+    assert_eq!(TestRun::ingress(&kernel, &ack).parse().dst, endpoint);
+
+    let (word, _) =
+        frontend_filter::word_and_mask(frontend_filter::bit(&proxy_common::ipv4_mapped([10, 96, 0, 10])));
+    kernel.maps().frontend_filter().set(word, 0).expect("clear the word");
+    let syn = TestRun::ingress(&kernel, &Frame::tcp4(client, 40001, vip, 80, Frame::SYN));
+    assert_eq!(syn.parse().dst, sock("10.96.0.10:80"), "not translated");
+    assert_eq!(syn.mark & mark::REJECT, mark::REJECT, "an allocated ClusterIP's unknown port");
+    assert_eq!(TestRun::ingress(&kernel, &ack).parse().dst, sock("10.96.0.10:80"), "no CONNTRACK lookup");
+
+    kernel.maps().frontend_filter().set(frontend_filter::ENABLED_WORD, 0).expect("switch it off");
+    assert_eq!(TestRun::ingress(&kernel, &ack).parse().dst, endpoint, "the full path again");
+    let syn = TestRun::ingress(&kernel, &Frame::tcp4(client, 40002, vip, 80, Frame::SYN));
+    assert_eq!(syn.parse().dst, endpoint);
+}
+
 /// The benchmarks' bug: a client connects to a ClusterIP from source port S (translated to
 /// endpoint E), then straight to E from the same S. The second flow has the same addresses and
 /// ports after DNAT as the first, so the first flow's reverse entry matched its replies and

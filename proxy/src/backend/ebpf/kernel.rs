@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use aya::programs::links::{CgroupAttachMode, FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle};
 use aya::programs::{CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType};
@@ -20,7 +20,7 @@ use proxy_common::{
     MaglevTable, RevNatValue, SockKey, SourceRangeKey, Stat, maps as m, programs,
 };
 
-use super::maps::{Cidr, DataPathMaps, MapError, MapTable, SourceRange};
+use super::maps::{Cidr, DataPathMaps, MapError, MapTable, SourceRange, WordArray};
 use super::{MapSizes, TcHook};
 
 #[derive(Debug, thiserror::Error)]
@@ -408,6 +408,28 @@ impl<K: aya::Pod + Send, V: aya::Pod + Send> MapTable<K, V> for KernelHash<K, V>
     }
 }
 
+/// FRONTEND_FILTER: an array, every index exists.
+pub struct KernelWords(Array<MapData, u64>);
+
+impl WordArray for KernelWords {
+    fn get(&self, index: u32) -> Result<u64, MapError> {
+        self.0.get(&index, 0).map_err(|e| err(m::FRONTEND_FILTER, "lookup", e))
+    }
+    fn set(&mut self, index: u32, word: u64) -> Result<(), MapError> {
+        self.0.set(index, word, 0).map_err(|e| err(m::FRONTEND_FILTER, "update", e))
+    }
+    fn nonzero(&self) -> Result<Vec<(u32, u64)>, MapError> {
+        let mut out = Vec::new();
+        for index in 0..self.0.len() {
+            let word = self.get(index)?;
+            if word != 0 {
+                out.push((index, word));
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// MAGLEV: values are 256 KiB, passed boxed; `list` reads keys only.
 pub struct KernelMaglev(HashMap<MapData, u32, MaglevTable>);
 
@@ -522,6 +544,7 @@ pub struct KernelMaps {
     pod_cidrs: KernelLpm,
     dst_policy: KernelLpm,
     source_ranges: KernelRanges,
+    frontend_filter: KernelWords,
     /// The programs' own maps, only counted (by walking their keys) and dumped.
     pub conntrack: HashMap<MapData, FlowKey, CtValue>,
     pub revnat: HashMap<MapData, FlowKey, RevNatValue>,
@@ -590,6 +613,10 @@ impl KernelMaps {
             pod_cidrs: KernelLpm { name: m::POD_CIDRS, map: lpm_of(bpffs, m::POD_CIDRS)? },
             dst_policy: KernelLpm { name: m::DST_POLICY, map: lpm_of(bpffs, m::DST_POLICY)? },
             source_ranges: KernelRanges(lpm_of(bpffs, m::SOURCE_RANGES)?),
+            frontend_filter: KernelWords(
+                Array::try_from(pinned(bpffs, m::FRONTEND_FILTER, Map::Array)?)
+                    .map_err(|e| setup(m::FRONTEND_FILTER, e))?,
+            ),
             conntrack: lru_of(bpffs, m::CONNTRACK)?,
             revnat: lru_of(bpffs, m::REVNAT)?,
             affinity: lru_of(bpffs, m::AFFINITY)?,
@@ -611,6 +638,9 @@ impl KernelMaps {
             pod_cidrs: KernelLpm { name: m::POD_CIDRS, map: lpm(ebpf, m::POD_CIDRS)? },
             dst_policy: KernelLpm { name: m::DST_POLICY, map: lpm(ebpf, m::DST_POLICY)? },
             source_ranges: KernelRanges(lpm(ebpf, m::SOURCE_RANGES)?),
+            frontend_filter: KernelWords(
+                Array::try_from(take(ebpf, m::FRONTEND_FILTER)?).map_err(|e| setup(m::FRONTEND_FILTER, e))?,
+            ),
             conntrack: lru(ebpf, m::CONNTRACK)?,
             revnat: lru(ebpf, m::REVNAT)?,
             affinity: lru(ebpf, m::AFFINITY)?,
@@ -686,6 +716,9 @@ impl DataPathMaps for KernelMaps {
     }
     fn source_ranges(&mut self) -> &mut dyn MapTable<SourceRange, u32> {
         &mut self.source_ranges
+    }
+    fn frontend_filter(&mut self) -> &mut dyn WordArray {
+        &mut self.frontend_filter
     }
     fn occupancy(&mut self) -> Vec<(&'static str, usize, u32)> {
         let s = self.sizes.clone();

@@ -31,6 +31,14 @@ pub trait MapTable<K, V>: Send {
     fn list(&self) -> Result<Vec<(K, V)>, MapError>;
 }
 
+/// An array of 64-bit words: [`proxy_common::maps::FRONTEND_FILTER`].
+pub trait WordArray: Send {
+    fn get(&self, index: u32) -> Result<u64, MapError>;
+    fn set(&mut self, index: u32, word: u64) -> Result<(), MapError>;
+    /// The non-zero words by index (reads every word).
+    fn nonzero(&self) -> Result<Vec<(u32, u64)>, MapError>;
+}
+
 /// The maps ferry writes. The connection-table maps (CONNTRACK, REVNAT, AFFINITY, SOCK_REVNAT)
 /// belong to the programs; userspace only counts them ([`DataPathMaps::occupancy`]).
 pub trait DataPathMaps: Send {
@@ -41,6 +49,7 @@ pub trait DataPathMaps: Send {
     fn pod_cidrs(&mut self) -> &mut dyn MapTable<Cidr, u32>;
     fn dst_policy(&mut self) -> &mut dyn MapTable<Cidr, u32>;
     fn source_ranges(&mut self) -> &mut dyn MapTable<SourceRange, u32>;
+    fn frontend_filter(&mut self) -> &mut dyn WordArray;
     /// (map name, entries, capacity) of every map, for pressure reports.
     fn occupancy(&mut self) -> Vec<(&'static str, usize, u32)>;
     /// The summed per-CPU counters, indexed by `proxy_common::Stat` (empty for the fake).
@@ -77,6 +86,25 @@ impl<K: Ord + Clone + Send, V: Clone + Send> MapTable<K, V> for FakeTable<K, V> 
     }
 }
 
+impl WordArray for FakeTable<u32, u64> {
+    fn get(&self, index: u32) -> Result<u64, MapError> {
+        Ok(self.0.get(&index).copied().unwrap_or(0))
+    }
+
+    fn set(&mut self, index: u32, word: u64) -> Result<(), MapError> {
+        if word == 0 {
+            self.0.remove(&index);
+        } else {
+            self.0.insert(index, word);
+        }
+        Ok(())
+    }
+
+    fn nonzero(&self) -> Result<Vec<(u32, u64)>, MapError> {
+        Ok(self.0.iter().map(|(i, w)| (*i, *w)).collect())
+    }
+}
+
 /// The fake data path: maps in memory.
 #[derive(Default)]
 pub struct FakeMaps {
@@ -87,6 +115,7 @@ pub struct FakeMaps {
     pub pod_cidrs: FakeTable<Cidr, u32>,
     pub dst_policy: FakeTable<Cidr, u32>,
     pub source_ranges: FakeTable<SourceRange, u32>,
+    pub frontend_filter: FakeTable<u32, u64>,
 }
 
 impl DataPathMaps for FakeMaps {
@@ -110,6 +139,9 @@ impl DataPathMaps for FakeMaps {
     }
     fn source_ranges(&mut self) -> &mut dyn MapTable<SourceRange, u32> {
         &mut self.source_ranges
+    }
+    fn frontend_filter(&mut self) -> &mut dyn WordArray {
+        &mut self.frontend_filter
     }
     fn occupancy(&mut self) -> Vec<(&'static str, usize, u32)> {
         use proxy_common::maps as m;
@@ -245,6 +277,20 @@ pub fn dump(maps: &mut dyn DataPathMaps) -> Result<String, MapError> {
     for ((service, k), _) in maps.source_ranges().list()? {
         let _ = writeln!(out, "service={service} {}", cidr_text(&k));
     }
+    let words = maps.frontend_filter().nonzero()?;
+    let enabled = words.iter().any(|(i, _)| *i == proxy_common::frontend_filter::ENABLED_WORD);
+    let bits: u32 = words
+        .iter()
+        .filter(|(i, _)| *i != proxy_common::frontend_filter::ENABLED_WORD)
+        .map(|(_, w)| w.count_ones())
+        .sum();
+    let _ = writeln!(
+        out,
+        "# {} ({}, {bits} of {} bits set)",
+        proxy_common::maps::FRONTEND_FILTER,
+        if enabled { "in use" } else { "not in use yet" },
+        1u32 << proxy_common::frontend_filter::BITS_LOG2
+    );
     Ok(out)
 }
 

@@ -10,11 +10,18 @@
 //! A full sync also reads the kernel maps back: entries that differ are rewritten, extra ones
 //! removed (drift repair), and after a restart the sets already in the pinned maps are adopted
 //! when their content matches, so a restarted ferry rewrites nothing that is right.
+//!
+//! The frontend filter's bit for an address is set before the first entry naming the address
+//! is written, and never cleared (see `proxy_common::frontend_filter`); the filter is switched
+//! on at the end of the first full sync, when every bit is in place.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 
-use proxy_common::{Endpoint, EndpointKey, FrontendKey, FrontendValue, MAGLEV_MAX_SIZE, MaglevTable};
+use proxy_common::{
+    Endpoint, EndpointKey, FrontendKey, FrontendValue, MAGLEV_MAX_SIZE, MaglevTable, NODE_PORT_ADDR_V4,
+    NODE_PORT_ADDR_V6, frontend_filter, node_addr,
+};
 
 use super::compile::{self, EndpointList, PortMaps};
 use super::maglev;
@@ -56,6 +63,9 @@ pub struct State {
     /// Frontend entries found in the pinned maps at start: not rewritten when they already
     /// hold what the plan wants.
     adopted_frontends: HashMap<FrontendKey, FrontendValue>,
+    /// Words of the frontend filter ferry has set (and found set at start), by index.
+    filter: HashMap<u32, u64>,
+    filter_enabled: bool,
     /// Map writes and deletes of the current sync.
     pub operations: usize,
 }
@@ -79,8 +89,26 @@ impl State {
             pod_cidrs: BTreeSet::new(),
             dst_policy: BTreeMap::new(),
             adopted_frontends: HashMap::new(),
+            filter: HashMap::new(),
+            filter_enabled: false,
             operations: 0,
         }
+    }
+
+    /// Sets the frontend filter's bit of `addr` (a frontend's address, or a node address
+    /// NodePorts answer on) unless it is set already.
+    fn mark_frontend(&mut self, addr: &[u8; 16], maps: &mut dyn DataPathMaps) -> Result<(), MapError> {
+        if *addr == NODE_PORT_ADDR_V4 || *addr == NODE_PORT_ADDR_V6 {
+            return Ok(());
+        }
+        let (index, mask) = frontend_filter::word_and_mask(frontend_filter::bit(addr));
+        let word = self.filter.entry(index).or_insert(0);
+        if *word & mask == 0 {
+            *word |= mask;
+            maps.frontend_filter().set(index, *word)?;
+            self.operations += 1;
+        }
+        Ok(())
     }
 
     /// Number of endpoint sets in use.
@@ -210,6 +238,7 @@ impl State {
                     affinity_timeout: t.affinity_timeout,
                     _pad: 0,
                 };
+                self.mark_frontend(&t.key.addr, maps)?;
                 match self.frontends.get(&t.key) {
                     Some((_, owner)) if owner != key => continue,
                     Some((current, _)) if *current == value => {}
@@ -258,6 +287,9 @@ impl State {
         let g = compile::globals(plan, config);
         let node: BTreeMap<[u8; 16], u32> = g.node_addrs.into_iter().collect();
         for (k, v) in &node {
+            if v & node_addr::NODE_PORT != 0 {
+                self.mark_frontend(k, maps)?;
+            }
             if self.node_addrs.get(k) != Some(v) {
                 maps.node_addrs().put(k, v)?;
                 self.operations += 1;
@@ -419,6 +451,10 @@ impl State {
         self.pod_cidrs = maps.pod_cidrs().keys()?.into_iter().collect();
         self.dst_policy = maps.dst_policy().list()?.into_iter().collect();
         self.source_ranges = maps.source_ranges().keys()?.into_iter().collect();
+        // Bits an earlier run set may guard connections it translated: kept.
+        let words = maps.frontend_filter().nonzero()?;
+        self.filter_enabled = words.iter().any(|(i, _)| *i == frontend_filter::ENABLED_WORD);
+        self.filter = words.into_iter().filter(|(i, _)| *i != frontend_filter::ENABLED_WORD).collect();
         Ok(())
     }
 
@@ -501,6 +537,20 @@ impl State {
         }
         for k in kernel.keys().filter(|k| !self.dst_policy.contains_key(*k)) {
             maps.dst_policy().del(k)?;
+            self.operations += 1;
+        }
+        // The filter: only missing bits are drift (extra ones cost a lookup, never a packet).
+        for (index, word) in &mut self.filter {
+            let kernel = maps.frontend_filter().get(*index)?;
+            if kernel & *word != *word {
+                *word |= kernel;
+                maps.frontend_filter().set(*index, *word)?;
+                self.operations += 1;
+            }
+        }
+        if !self.filter_enabled || maps.frontend_filter().get(frontend_filter::ENABLED_WORD)? == 0 {
+            maps.frontend_filter().set(frontend_filter::ENABLED_WORD, 1)?;
+            self.filter_enabled = true;
             self.operations += 1;
         }
         Ok(())

@@ -160,3 +160,42 @@ fn a_service_added_and_removed_by_diffs_leaves_the_maps_a_full_sync_would_write(
     State::new(251).full(&only_web, &config(), &mut fresh).expect("full");
     assert_eq!(maps.dst_policy.0, fresh.dst_policy.0, "its ClusterIP is unallocated again");
 }
+
+#[test]
+fn the_frontend_filter_covers_every_frontend_and_node_port_address_and_keeps_removed_ones() {
+    use proxy_common::{NODE_PORT_ADDR_V4, NODE_PORT_ADDR_V6, frontend_filter, node_addr};
+    let has = |maps: &FakeMaps, addr: &[u8; 16]| {
+        let (word, mask) = frontend_filter::word_and_mask(frontend_filter::bit(addr));
+        maps.frontend_filter.0.get(&word).is_some_and(|w| w & mask != 0)
+    };
+    let web = port("web", "10.96.0.10", &["10.0.1.10:8080"]);
+    let db = port("db", "10.96.0.11", &["10.0.1.20:5432"]);
+    let mut maps = FakeMaps::default();
+    let mut state = State::new(251);
+    state.full(&plan(&[web.clone(), db]), &config(), &mut maps).expect("sync");
+    assert_eq!(maps.frontend_filter.0.get(&frontend_filter::ENABLED_WORD), Some(&1), "switched on");
+    let mut addrs: Vec<[u8; 16]> = maps.services.0.keys().map(|k| k.addr).collect();
+    addrs.retain(|a| *a != NODE_PORT_ADDR_V4 && *a != NODE_PORT_ADDR_V6);
+    addrs.extend(maps.node_addrs.0.iter().filter(|(_, f)| *f & node_addr::NODE_PORT != 0).map(|(a, _)| *a));
+    assert!(addrs.len() >= 3, "two ClusterIPs and the node address: {addrs:?}");
+    for a in &addrs {
+        assert!(has(&maps, a), "{a:?}");
+    }
+    let bits: u32 = maps
+        .frontend_filter
+        .0
+        .iter()
+        .filter(|(i, _)| **i != frontend_filter::ENABLED_WORD)
+        .map(|(_, w)| w.count_ones())
+        .sum();
+    assert_eq!(bits as usize, addrs.len(), "nothing else");
+
+    let db_ip = super::maps::addr16("10.96.0.11".parse().expect("ip"));
+    state.full(&plan(std::slice::from_ref(&web)), &config(), &mut maps).expect("db removed");
+    assert!(has(&maps, &db_ip), "a removed frontend's connections may still follow CONNTRACK");
+
+    maps.frontend_filter.0.clear();
+    state.full(&plan(&[web]), &config(), &mut maps).expect("repair");
+    assert!(has(&maps, &db_ip) && has(&maps, &addrs[0]), "bits lost by drift come back");
+    assert_eq!(maps.frontend_filter.0.get(&frontend_filter::ENABLED_WORD), Some(&1));
+}
