@@ -86,8 +86,7 @@ pub mod maps {
     /// `Array<u64>`: a bitmap over destination addresses that may be a frontend, so that a
     /// packet to any other address skips the hash lookups ([`crate::frontend_filter`]).
     pub const FRONTEND_FILTER: &str = "FRONTEND_FILTER";
-    pub const FRONTEND_FILTER_MAX_ENTRIES: u32 =
-        crate::frontend_filter::BITMAP_START + (1 << (crate::frontend_filter::BITS_LOG2 - 6));
+    pub const FRONTEND_FILTER_MAX_ENTRIES: u32 = 1 + (1 << (crate::frontend_filter::BITS_LOG2 - 6));
     /// Every map userspace pins, in the order it creates entries.
     pub const PINNED: [&str; 13] = [
         SERVICES,
@@ -114,21 +113,11 @@ pub mod maps {
 /// frontend's TCP connections keep following their `CONNTRACK` entries (docs/ebpf.md).
 /// Word [`ENABLED_WORD`](frontend_filter::ENABLED_WORD) is non-zero once every bit is in place;
 /// until then (a first start, an upgrade that brings the map) the program ignores the filter.
-/// For an address the filter excludes, only the service CIDRs matter (an unallocated address in
-/// one is dropped; allocated ClusterIPs have their bit set): they are held in the words after
-/// it, [`MAX_SERVICE_CIDRS`](frontend_filter::MAX_SERVICE_CIDRS) of them at most, four words
-/// each (the address as two 8-byte words as read from the 16-byte form, then the mask the same
-/// way); a zero mask ends the list. With more service CIDRs the filter stays off.
 pub mod frontend_filter {
     /// log2 of the number of bits: 2^20 bits, 128 KiB.
     pub const BITS_LOG2: u32 = 20;
     /// Index of the word that says the filter is complete.
     pub const ENABLED_WORD: u32 = 0;
-    /// Index of the first service CIDR's first word.
-    pub const CIDRS_START: u32 = 1;
-    pub const MAX_SERVICE_CIDRS: u32 = 8;
-    /// Index of the bitmap's first word.
-    pub const BITMAP_START: u32 = CIDRS_START + 4 * MAX_SERVICE_CIDRS;
 
     /// The bit of an address given as its four 4-byte words (native byte order, as read from
     /// the 16-byte map form): multiplicative hashing of their XOR.
@@ -144,23 +133,10 @@ pub mod frontend_filter {
         bit_of_words([w(0), w(4), w(8), w(12)])
     }
 
-    /// The array index (from [`BITMAP_START`]) and mask of a bit.
+    /// The array index (after [`ENABLED_WORD`]) and mask of a bit.
     #[inline(always)]
     pub const fn word_and_mask(bit: u32) -> (u32, u64) {
-        (BITMAP_START + (bit >> 6), 1u64 << (bit & 63))
-    }
-
-    /// The four words of a service CIDR: a 16-byte network address and prefix length (bits of
-    /// the 16-byte form; IPv4 prefixes are 96 longer).
-    pub fn cidr_words(addr: &[u8; 16], prefix_len: u32) -> [u64; 4] {
-        let len = prefix_len.min(128);
-        let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
-        let mask = mask.to_be_bytes();
-        let w = |b: &[u8; 16], i: usize| {
-            u64::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3], b[i + 4], b[i + 5], b[i + 6], b[i + 7]])
-        };
-        let (m0, m1) = (w(&mask, 0), w(&mask, 8));
-        [w(addr, 0) & m0, w(addr, 8) & m1, m0, m1]
+        (1 + (bit >> 6), 1u64 << (bit & 63))
     }
 }
 
@@ -638,17 +614,7 @@ mod tests {
         }
         assert!(seen.len() > 60_000, "{} distinct bits for 65,536 addresses", seen.len());
         let (word, mask) = word_and_mask(bit(&ipv4_mapped([10, 96, 0, 10])));
-        assert!(
-            (frontend_filter::BITMAP_START..maps::FRONTEND_FILTER_MAX_ENTRIES).contains(&word)
-                && mask.count_ones() == 1
-        );
-        let [n0, n1, m0, m1] = frontend_filter::cidr_words(&ipv4_mapped([10, 96, 7, 0]), 96 + 16);
-        let inside = |a: [u8; 16]| {
-            let w0 = u64::from_ne_bytes(a[0..8].try_into().expect("8 bytes"));
-            let w1 = u64::from_ne_bytes(a[8..16].try_into().expect("8 bytes"));
-            w0 & m0 == n0 && w1 & m1 == n1
-        };
-        assert!(inside(ipv4_mapped([10, 96, 255, 1])) && !inside(ipv4_mapped([10, 97, 0, 1])));
+        assert!((1..maps::FRONTEND_FILTER_MAX_ENTRIES).contains(&word) && mask.count_ones() == 1);
         assert_ne!(
             bit(&ipv4_mapped([10, 96, 0, 10])),
             bit(&[0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a])

@@ -281,13 +281,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ParseError> {
         if s.pkt.flow.protocol != protocol::TCP || syn {
             end_superseded_connection(ctx, s);
         }
-        // No frontend and no allocated ClusterIP here: only a service CIDR can say DROP.
-        if in_service_cidr(&s.pkt.flow) {
-            count(Stat::Drop);
-            return Ok(TC_ACT_SHOT);
-        }
-        count(Stat::ServiceMiss);
-        return Ok(TC_ACT_OK as i32);
+        return Ok(no_frontend(ctx, s));
     }
     // A TCP packet after the SYN follows its connection's entry before any frontend lookup,
     // as netfilter's conntrack keeps NATing an established connection whatever happens to the
@@ -346,24 +340,6 @@ fn may_be_frontend(flow: &FlowKey) -> bool {
     }
     // A clear bit counts once the filter is complete.
     FRONTEND_FILTER.get(frontend_filter::ENABLED_WORD).is_none_or(|w| *w == 0)
-}
-
-/// Whether `flow`'s destination is in one of the service CIDRs the frontend filter lists.
-#[inline(always)]
-fn in_service_cidr(flow: &FlowKey) -> bool {
-    let [a, b] = daddr_words(flow);
-    let word = |i: u32| FRONTEND_FILTER.get(i).copied().unwrap_or(0);
-    for n in 0..frontend_filter::MAX_SERVICE_CIDRS {
-        let at = frontend_filter::CIDRS_START + 4 * n;
-        let (m0, m1) = (word(at + 2), word(at + 3));
-        if m0 == 0 && m1 == 0 {
-            return false;
-        }
-        if a & m0 == word(at) && b & m1 == word(at + 1) {
-            return true;
-        }
-    }
-    false
 }
 
 /// DNAT of a packet of the known connection `s.ct`.

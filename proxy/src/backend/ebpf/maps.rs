@@ -277,16 +277,19 @@ pub fn dump(maps: &mut dyn DataPathMaps) -> Result<String, MapError> {
     for ((service, k), _) in maps.source_ranges().list()? {
         let _ = writeln!(out, "service={service} {}", cidr_text(&k));
     }
-    use proxy_common::frontend_filter as ff;
     let words = maps.frontend_filter().nonzero()?;
-    let enabled = words.iter().any(|(i, _)| *i == ff::ENABLED_WORD);
-    let bits: u32 = words.iter().filter(|(i, _)| *i >= ff::BITMAP_START).map(|(_, w)| w.count_ones()).sum();
+    let enabled = words.iter().any(|(i, _)| *i == proxy_common::frontend_filter::ENABLED_WORD);
+    let bits: u32 = words
+        .iter()
+        .filter(|(i, _)| *i != proxy_common::frontend_filter::ENABLED_WORD)
+        .map(|(_, w)| w.count_ones())
+        .sum();
     let _ = writeln!(
         out,
         "# {} ({}, {bits} of {} bits set)",
         proxy_common::maps::FRONTEND_FILTER,
-        if enabled { "in use" } else { "not in use" },
-        1u32 << ff::BITS_LOG2
+        if enabled { "in use" } else { "not in use yet" },
+        1u32 << proxy_common::frontend_filter::BITS_LOG2
     );
     Ok(out)
 }

@@ -66,9 +66,6 @@ pub struct State {
     /// Words of the frontend filter ferry has set (and found set at start), by index.
     filter: HashMap<u32, u64>,
     filter_enabled: bool,
-    /// The service CIDR words of the filter as written; `None`: more CIDRs than it holds, so
-    /// the filter stays off.
-    filter_cidrs: Option<Vec<u64>>,
     /// Map writes and deletes of the current sync.
     pub operations: usize,
 }
@@ -94,7 +91,6 @@ impl State {
             adopted_frontends: HashMap::new(),
             filter: HashMap::new(),
             filter_enabled: false,
-            filter_cidrs: Some(Vec::new()),
             operations: 0,
         }
     }
@@ -112,42 +108,6 @@ impl State {
             maps.frontend_filter().set(index, *word)?;
             self.operations += 1;
         }
-        Ok(())
-    }
-
-    /// Writes the service CIDRs into the filter (a slot's mask last, so a reader never sees a
-    /// mask with another CIDR's address), or switches the filter off when they do not fit.
-    fn set_filter_cidrs(&mut self, plan: &Plan, maps: &mut dyn DataPathMaps) -> Result<(), MapError> {
-        if plan.service_cidrs.len() > frontend_filter::MAX_SERVICE_CIDRS as usize {
-            if self.filter_enabled {
-                maps.frontend_filter().set(frontend_filter::ENABLED_WORD, 0)?;
-                self.filter_enabled = false;
-                self.operations += 1;
-            }
-            self.filter_cidrs = None;
-            return Ok(());
-        }
-        let mut want: Vec<u64> = plan
-            .service_cidrs
-            .iter()
-            .flat_map(|n| {
-                let (len, addr) = cidr(n);
-                frontend_filter::cidr_words(&addr, len)
-            })
-            .collect();
-        want.resize(4 * frontend_filter::MAX_SERVICE_CIDRS as usize, 0);
-        let have = self.filter_cidrs.clone().unwrap_or_default();
-        for (slot, words) in want.chunks(4).enumerate() {
-            if have.get(slot * 4..slot * 4 + 4) == Some(words) {
-                continue;
-            }
-            let at = frontend_filter::CIDRS_START + 4 * slot as u32;
-            for (i, word) in [(2, 0), (3, 0), (0, words[0]), (1, words[1]), (2, words[2]), (3, words[3])] {
-                maps.frontend_filter().set(at + i, word)?;
-            }
-            self.operations += 1;
-        }
-        self.filter_cidrs = Some(want);
         Ok(())
     }
 
@@ -351,11 +311,7 @@ impl State {
         }
         self.pod_cidrs = pods;
         let dst: BTreeMap<Cidr, u32> = g.dst_policy.into_iter().collect();
-        self.set_filter_cidrs(plan, maps)?;
         for (k, v) in &dst {
-            if *v == proxy_common::dst_policy::REJECT {
-                self.mark_frontend(&k.1, maps)?;
-            }
             if self.dst_policy.get(k) != Some(v) {
                 maps.dst_policy().put(k, v)?;
                 self.operations += 1;
@@ -414,7 +370,6 @@ impl State {
         }
         for ip in &diff.cluster_ips_added {
             let key: Cidr = (128, addr16(*ip));
-            self.mark_frontend(&key.1, maps)?;
             if let std::collections::btree_map::Entry::Vacant(entry) = self.dst_policy.entry(key) {
                 maps.dst_policy().put(&key, &dst_policy::REJECT)?;
                 entry.insert(dst_policy::REJECT);
@@ -499,16 +454,7 @@ impl State {
         // Bits an earlier run set may guard connections it translated: kept.
         let words = maps.frontend_filter().nonzero()?;
         self.filter_enabled = words.iter().any(|(i, _)| *i == frontend_filter::ENABLED_WORD);
-        let mut cidrs = vec![0; 4 * frontend_filter::MAX_SERVICE_CIDRS as usize];
-        for (i, w) in &words {
-            if let Some(c) =
-                i.checked_sub(frontend_filter::CIDRS_START).and_then(|c| cidrs.get_mut(c as usize))
-            {
-                *c = *w;
-            }
-        }
-        self.filter_cidrs = Some(cidrs);
-        self.filter = words.into_iter().filter(|(i, _)| *i >= frontend_filter::BITMAP_START).collect();
+        self.filter = words.into_iter().filter(|(i, _)| *i != frontend_filter::ENABLED_WORD).collect();
         Ok(())
     }
 
@@ -599,14 +545,6 @@ impl State {
             if kernel & *word != *word {
                 *word |= kernel;
                 maps.frontend_filter().set(*index, *word)?;
-                self.operations += 1;
-            }
-        }
-        let Some(cidrs) = &self.filter_cidrs else { return Ok(()) };
-        for (i, want) in cidrs.iter().enumerate() {
-            let index = frontend_filter::CIDRS_START + i as u32;
-            if maps.frontend_filter().get(index)? != *want {
-                maps.frontend_filter().set(index, *want)?;
                 self.operations += 1;
             }
         }

@@ -185,7 +185,7 @@ fn the_frontend_filter_covers_every_frontend_and_node_port_address_and_keeps_rem
         .frontend_filter
         .0
         .iter()
-        .filter(|(i, _)| **i >= frontend_filter::BITMAP_START)
+        .filter(|(i, _)| **i != frontend_filter::ENABLED_WORD)
         .map(|(_, w)| w.count_ones())
         .sum();
     assert_eq!(bits as usize, addrs.len(), "nothing else");
@@ -198,35 +198,4 @@ fn the_frontend_filter_covers_every_frontend_and_node_port_address_and_keeps_rem
     state.full(&plan(&[web]), &config(), &mut maps).expect("repair");
     assert!(has(&maps, &db_ip) && has(&maps, &addrs[0]), "bits lost by drift come back");
     assert_eq!(maps.frontend_filter.0.get(&frontend_filter::ENABLED_WORD), Some(&1));
-}
-
-#[test]
-fn the_frontend_filter_lists_the_service_cidrs_and_stays_off_when_they_do_not_fit() {
-    use proxy_common::frontend_filter::{self as ff, CIDRS_START, ENABLED_WORD};
-    let web = port("web", "10.96.0.10", &["10.0.1.10:8080"]);
-    let mut p = plan(&[web]);
-    p.service_cidrs = vec!["10.96.0.0/16".parse().expect("cidr"), "fd00:96::/112".parse().expect("cidr")];
-    let mut maps = FakeMaps::default();
-    let mut state = State::new(251);
-    state.full(&p, &config(), &mut maps).expect("sync");
-    let word = |maps: &FakeMaps, i: u32| maps.frontend_filter.0.get(&i).copied().unwrap_or(0);
-    for (slot, net) in p.service_cidrs.iter().enumerate() {
-        let (len, addr) = super::maps::cidr(net);
-        let want = ff::cidr_words(&addr, len);
-        let at = CIDRS_START + 4 * slot as u32;
-        assert_eq!([0, 1, 2, 3].map(|i| word(&maps, at + i)), want, "{net}");
-    }
-    assert_eq!(word(&maps, CIDRS_START + 8 + 2), 0, "the list ends after two");
-    assert_eq!(word(&maps, ENABLED_WORD), 1);
-
-    p.service_cidrs = (0..9u8).map(|i| format!("10.{}.0.0/16", 100 + i).parse().expect("cidr")).collect();
-    let diff = PlanDiff { service_cidrs_changed: true, ..PlanDiff::default() };
-    state.partial(&p, &diff, &config(), &mut maps).expect("nine service CIDRs");
-    assert_eq!(word(&maps, ENABLED_WORD), 0, "more service CIDRs than the filter holds: off at once");
-    state.full(&p, &config(), &mut maps).expect("full");
-    assert_eq!(word(&maps, ENABLED_WORD), 0, "and it stays off");
-    p.service_cidrs.truncate(1);
-    state.full(&p, &config(), &mut maps).expect("one service CIDR again");
-    assert_eq!(word(&maps, ENABLED_WORD), 1);
-    assert_eq!(word(&maps, CIDRS_START + 4 + 2), 0, "one CIDR listed");
 }
