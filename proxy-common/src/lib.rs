@@ -87,8 +87,11 @@ pub mod maps {
     /// packet to any other address skips the hash lookups ([`crate::frontend_filter`]).
     pub const FRONTEND_FILTER: &str = "FRONTEND_FILTER";
     pub const FRONTEND_FILTER_MAX_ENTRIES: u32 = 1 + (1 << (crate::frontend_filter::BITS_LOG2 - 6));
+    /// `Array<ServiceCidrs>` of one entry: the service CIDRs, for packets the frontend filter
+    /// excludes ([`crate::ServiceCidrs`]).
+    pub const SERVICE_CIDRS: &str = "SERVICE_CIDRS";
     /// Every map userspace pins, in the order it creates entries.
-    pub const PINNED: [&str; 13] = [
+    pub const PINNED: [&str; 14] = [
         SERVICES,
         ENDPOINTS,
         MAGLEV,
@@ -102,6 +105,7 @@ pub mod maps {
         SOCK_REVNAT,
         STATS,
         FRONTEND_FILTER,
+        SERVICE_CIDRS,
     ];
 }
 
@@ -113,6 +117,10 @@ pub mod maps {
 /// frontend's TCP connections keep following their `CONNTRACK` entries (docs/ebpf.md).
 /// Word [`ENABLED_WORD`](frontend_filter::ENABLED_WORD) is non-zero once every bit is in place;
 /// until then (a first start, an upgrade that brings the map) the program ignores the filter.
+/// For an address the filter excludes, only the service CIDRs matter (an unallocated address in
+/// one is dropped; allocated ClusterIPs have their bit set): [`maps::SERVICE_CIDRS`] lists them
+/// in one map value, so one lookup replaces `DST_POLICY`'s trie walk. With more service CIDRs
+/// than it holds the filter stays off.
 pub mod frontend_filter {
     /// log2 of the number of bits: 2^20 bits, 128 KiB.
     pub const BITS_LOG2: u32 = 20;
@@ -131,6 +139,20 @@ pub mod frontend_filter {
     pub fn bit(addr: &[u8; 16]) -> u32 {
         let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
         bit_of_words([w(0), w(4), w(8), w(12)])
+    }
+
+    /// The four words of a service CIDR in [`crate::ServiceCidrs`]: the network address and
+    /// the mask, each as two 8-byte words read (native order) from the 16-byte form; the prefix
+    /// length counts bits of that form (IPv4 prefixes are 96 longer).
+    pub fn cidr_words(addr: &[u8; 16], prefix_len: u32) -> [u64; 4] {
+        let len = prefix_len.min(128);
+        let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+        let mask = mask.to_be_bytes();
+        let w = |b: &[u8; 16], i: usize| {
+            u64::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3], b[i + 4], b[i + 5], b[i + 6], b[i + 7]])
+        };
+        let (m0, m1) = (w(&mask, 0), w(&mask, 8));
+        [w(addr, 0) & m0, w(addr, 8) & m1, m0, m1]
     }
 
     /// The array index (after [`ENABLED_WORD`]) and mask of a bit.
@@ -212,6 +234,21 @@ pub const fn ipv4_mapped(addr: [u8; 4]) -> [u8; 16] {
 /// The address of a NodePort frontend key: any node address of the family.
 pub const NODE_PORT_ADDR_V4: [u8; 16] = ipv4_mapped([0, 0, 0, 0]);
 pub const NODE_PORT_ADDR_V6: [u8; 16] = [0; 16];
+
+/// Value of [`maps::SERVICE_CIDRS`]: `count` service CIDRs as
+/// [`frontend_filter::cidr_words`]. Layout (264 bytes, alignment 8).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceCidrs {
+    /// Host byte order; at most [`ServiceCidrs::MAX`].
+    pub count: u32,
+    pub _pad: u32,
+    pub cidrs: [[u64; 4]; ServiceCidrs::MAX],
+}
+
+impl ServiceCidrs {
+    pub const MAX: usize = 8;
+}
 
 /// Key of [`maps::SERVICES`]: the destination of a packet that a service frontend matches.
 ///
@@ -556,6 +593,8 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityValue>() == 32);
     assert!(core::mem::size_of::<SourceRangeKey>() == 20);
     assert!(core::mem::size_of::<SockKey>() == 32);
+    assert!(core::mem::size_of::<ServiceCidrs>() == 264);
+    assert!(core::mem::align_of::<ServiceCidrs>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -576,6 +615,7 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::SourceRangeKey {}
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::ServiceCidrs {}
 }
 
 #[cfg(test)]
@@ -615,6 +655,13 @@ mod tests {
         assert!(seen.len() > 60_000, "{} distinct bits for 65,536 addresses", seen.len());
         let (word, mask) = word_and_mask(bit(&ipv4_mapped([10, 96, 0, 10])));
         assert!((1..maps::FRONTEND_FILTER_MAX_ENTRIES).contains(&word) && mask.count_ones() == 1);
+        let [n0, n1, m0, m1] = frontend_filter::cidr_words(&ipv4_mapped([10, 96, 7, 0]), 96 + 16);
+        let inside = |a: [u8; 16]| {
+            let w0 = u64::from_ne_bytes(a[0..8].try_into().expect("8 bytes"));
+            let w1 = u64::from_ne_bytes(a[8..16].try_into().expect("8 bytes"));
+            w0 & m0 == n0 && w1 & m1 == n1
+        };
+        assert!(inside(ipv4_mapped([10, 96, 255, 1])) && !inside(ipv4_mapped([10, 97, 0, 1])));
         assert_ne!(
             bit(&ipv4_mapped([10, 96, 0, 10])),
             bit(&[0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a])

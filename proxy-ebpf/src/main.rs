@@ -24,8 +24,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, CtValue, Endpoint, EndpointKey, FlowKey, FrontendKey, FrontendValue,
-    MaglevTable, NODE_PORT_ADDR_V4, NODE_PORT_ADDR_V6, RevNatValue, SockKey, SourceRangeKey, Stat, crc32c,
-    ct, dst_policy, flow_hash, frontend, frontend_filter, maps as m, mark, node_addr, protocol,
+    MaglevTable, NODE_PORT_ADDR_V4, NODE_PORT_ADDR_V6, RevNatValue, ServiceCidrs, SockKey, SourceRangeKey,
+    Stat, crc32c, ct, dst_policy, flow_hash, frontend, frontend_filter, maps as m, mark, node_addr, protocol,
 };
 
 #[map]
@@ -62,6 +62,8 @@ static SOCK_REVNAT: LruHashMap<SockKey, RevNatValue> =
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 #[map]
 static FRONTEND_FILTER: Array<u64> = Array::with_max_entries(m::FRONTEND_FILTER_MAX_ENTRIES, 0);
+#[map]
+static SERVICE_CIDRS: Array<ServiceCidrs> = Array::with_max_entries(1, 0);
 
 /// `BPF_F_NO_PREALLOC` (LPM tries require it).
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -281,7 +283,13 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ParseError> {
         if s.pkt.flow.protocol != protocol::TCP || syn {
             end_superseded_connection(ctx, s);
         }
-        return Ok(no_frontend(ctx, s));
+        // No frontend and no allocated ClusterIP here: only a service CIDR can say DROP.
+        if in_service_cidr(&s.pkt.flow) {
+            count(Stat::Drop);
+            return Ok(TC_ACT_SHOT);
+        }
+        count(Stat::ServiceMiss);
+        return Ok(TC_ACT_OK as i32);
     }
     // A TCP packet after the SYN follows its connection's entry before any frontend lookup,
     // as netfilter's conntrack keeps NATing an established connection whatever happens to the
@@ -340,6 +348,23 @@ fn may_be_frontend(flow: &FlowKey) -> bool {
     }
     // A clear bit counts once the filter is complete.
     FRONTEND_FILTER.get(frontend_filter::ENABLED_WORD).is_none_or(|w| *w == 0)
+}
+
+/// Whether `flow`'s destination is in one of the service CIDRs ([`SERVICE_CIDRS`]).
+#[inline(always)]
+fn in_service_cidr(flow: &FlowKey) -> bool {
+    let Some(list) = SERVICE_CIDRS.get(0) else { return false };
+    let [a, b] = daddr_words(flow);
+    let count = list.count as usize;
+    for (n, [net0, net1, mask0, mask1]) in list.cidrs.iter().enumerate() {
+        if n >= count {
+            return false;
+        }
+        if a & mask0 == *net0 && b & mask1 == *net1 {
+            return true;
+        }
+    }
+    false
 }
 
 /// DNAT of a packet of the known connection `s.ct`.

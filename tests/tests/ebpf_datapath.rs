@@ -536,9 +536,9 @@ fn an_established_tcp_connection_outlives_its_deleted_frontend_and_new_ones_are_
 }
 
 /// The program consults the frontend filter: with a frontend's bit cleared by hand its address
-/// is no frontend any more (a SYN gets the REJECT of an allocated ClusterIP without an entry
-/// for the port, the connection's next packet passes untranslated); a filter not switched on
-/// yet is ignored.
+/// is no frontend any more, nor an allocated ClusterIP, only an address of a service CIDR (the
+/// filter's list): a SYN and the connection's next packet are dropped untranslated, an address
+/// outside the service CIDRs is left alone. A filter not switched on is ignored.
 #[test]
 fn a_clear_frontend_filter_bit_skips_the_lookups_and_a_filter_not_switched_on_is_ignored() {
     use proxy::backend::ebpf::maps::DataPathMaps;
@@ -557,10 +557,24 @@ fn a_clear_frontend_filter_bit_skips_the_lookups_and_a_filter_not_switched_on_is
     let (word, _) =
         frontend_filter::word_and_mask(frontend_filter::bit(&proxy_common::ipv4_mapped([10, 96, 0, 10])));
     kernel.maps().frontend_filter().set(word, 0).expect("clear the word");
+    let drops = stat(&mut kernel, Stat::Drop);
     let syn = TestRun::ingress(&kernel, &Frame::tcp4(client, 40001, vip, 80, Frame::SYN));
-    assert_eq!(syn.parse().dst, sock("10.96.0.10:80"), "not translated");
-    assert_eq!(syn.mark & mark::REJECT, mark::REJECT, "an allocated ClusterIP's unknown port");
-    assert_eq!(TestRun::ingress(&kernel, &ack).parse().dst, sock("10.96.0.10:80"), "no CONNTRACK lookup");
+    assert_eq!((syn.verdict, syn.parse().dst), (TC_ACT_SHOT, sock("10.96.0.10:80")), "dropped untranslated");
+    let next = TestRun::ingress(&kernel, &ack);
+    assert_eq!((next.verdict, next.parse().dst), (TC_ACT_SHOT, sock("10.96.0.10:80")), "no CONNTRACK lookup");
+    assert_eq!(stat(&mut kernel, Stat::Drop), drops + 2);
+    let v6 = Frame::tcp6(
+        "fd00:10::2".parse().expect("v6"),
+        40001,
+        "fd00:96::1".parse().expect("v6"),
+        80,
+        Frame::SYN,
+    );
+    assert_eq!(TestRun::ingress(&kernel, &v6).verdict, TC_ACT_SHOT, "in the IPv6 service CIDR");
+    for outside in [v4("10.97.0.1"), v4("192.0.2.1")] {
+        let out = TestRun::ingress(&kernel, &Frame::tcp4(client, 40001, outside, 80, Frame::SYN));
+        assert_eq!(out.verdict, TC_ACT_OK, "{outside}: outside the service CIDRs, left alone");
+    }
 
     kernel.maps().frontend_filter().set(frontend_filter::ENABLED_WORD, 0).expect("switch it off");
     assert_eq!(TestRun::ingress(&kernel, &ack).parse().dst, endpoint, "the full path again");

@@ -20,7 +20,7 @@ use proxy_common::{
     MaglevTable, RevNatValue, SockKey, SourceRangeKey, Stat, maps as m, programs,
 };
 
-use super::maps::{Cidr, DataPathMaps, MapError, MapTable, SourceRange, WordArray};
+use super::maps::{Cidr, DataPathMaps, MapError, MapTable, OneValue, SourceRange, WordArray};
 use super::{MapSizes, TcHook};
 
 #[derive(Debug, thiserror::Error)]
@@ -430,6 +430,18 @@ impl WordArray for KernelWords {
     }
 }
 
+/// SERVICE_CIDRS: one entry.
+pub struct KernelServiceCidrs(Array<MapData, proxy_common::ServiceCidrs>);
+
+impl OneValue<proxy_common::ServiceCidrs> for KernelServiceCidrs {
+    fn get(&self) -> Result<proxy_common::ServiceCidrs, MapError> {
+        self.0.get(&0, 0).map_err(|e| err(m::SERVICE_CIDRS, "lookup", e))
+    }
+    fn set(&mut self, value: &proxy_common::ServiceCidrs) -> Result<(), MapError> {
+        self.0.set(0, value, 0).map_err(|e| err(m::SERVICE_CIDRS, "update", e))
+    }
+}
+
 /// MAGLEV: values are 256 KiB, passed boxed; `list` reads keys only.
 pub struct KernelMaglev(HashMap<MapData, u32, MaglevTable>);
 
@@ -545,6 +557,7 @@ pub struct KernelMaps {
     dst_policy: KernelLpm,
     source_ranges: KernelRanges,
     frontend_filter: KernelWords,
+    service_cidrs: KernelServiceCidrs,
     /// The programs' own maps, only counted (by walking their keys) and dumped.
     pub conntrack: HashMap<MapData, FlowKey, CtValue>,
     pub revnat: HashMap<MapData, FlowKey, RevNatValue>,
@@ -617,6 +630,10 @@ impl KernelMaps {
                 Array::try_from(pinned(bpffs, m::FRONTEND_FILTER, Map::Array)?)
                     .map_err(|e| setup(m::FRONTEND_FILTER, e))?,
             ),
+            service_cidrs: KernelServiceCidrs(
+                Array::try_from(pinned(bpffs, m::SERVICE_CIDRS, Map::Array)?)
+                    .map_err(|e| setup(m::SERVICE_CIDRS, e))?,
+            ),
             conntrack: lru_of(bpffs, m::CONNTRACK)?,
             revnat: lru_of(bpffs, m::REVNAT)?,
             affinity: lru_of(bpffs, m::AFFINITY)?,
@@ -640,6 +657,9 @@ impl KernelMaps {
             source_ranges: KernelRanges(lpm(ebpf, m::SOURCE_RANGES)?),
             frontend_filter: KernelWords(
                 Array::try_from(take(ebpf, m::FRONTEND_FILTER)?).map_err(|e| setup(m::FRONTEND_FILTER, e))?,
+            ),
+            service_cidrs: KernelServiceCidrs(
+                Array::try_from(take(ebpf, m::SERVICE_CIDRS)?).map_err(|e| setup(m::SERVICE_CIDRS, e))?,
             ),
             conntrack: lru(ebpf, m::CONNTRACK)?,
             revnat: lru(ebpf, m::REVNAT)?,
@@ -719,6 +739,9 @@ impl DataPathMaps for KernelMaps {
     }
     fn frontend_filter(&mut self) -> &mut dyn WordArray {
         &mut self.frontend_filter
+    }
+    fn service_cidrs(&mut self) -> &mut dyn OneValue<proxy_common::ServiceCidrs> {
+        &mut self.service_cidrs
     }
     fn occupancy(&mut self) -> Vec<(&'static str, usize, u32)> {
         let s = self.sizes.clone();

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use proxy_common::{Endpoint, EndpointKey, FrontendKey, FrontendValue, MaglevTable, frontend};
+use proxy_common::{Endpoint, EndpointKey, FrontendKey, FrontendValue, MaglevTable, ServiceCidrs, frontend};
 
 /// A prefix of the 16-byte (IPv4-mapped) address space, as the LPM tries store it:
 /// (prefix length in bits, address).
@@ -39,6 +39,12 @@ pub trait WordArray: Send {
     fn nonzero(&self) -> Result<Vec<(u32, u64)>, MapError>;
 }
 
+/// An array map of one entry: [`proxy_common::maps::SERVICE_CIDRS`].
+pub trait OneValue<T>: Send {
+    fn get(&self) -> Result<T, MapError>;
+    fn set(&mut self, value: &T) -> Result<(), MapError>;
+}
+
 /// The maps ferry writes. The connection-table maps (CONNTRACK, REVNAT, AFFINITY, SOCK_REVNAT)
 /// belong to the programs; userspace only counts them ([`DataPathMaps::occupancy`]).
 pub trait DataPathMaps: Send {
@@ -50,6 +56,7 @@ pub trait DataPathMaps: Send {
     fn dst_policy(&mut self) -> &mut dyn MapTable<Cidr, u32>;
     fn source_ranges(&mut self) -> &mut dyn MapTable<SourceRange, u32>;
     fn frontend_filter(&mut self) -> &mut dyn WordArray;
+    fn service_cidrs(&mut self) -> &mut dyn OneValue<ServiceCidrs>;
     /// (map name, entries, capacity) of every map, for pressure reports.
     fn occupancy(&mut self) -> Vec<(&'static str, usize, u32)>;
     /// The summed per-CPU counters, indexed by `proxy_common::Stat` (empty for the fake).
@@ -105,6 +112,21 @@ impl WordArray for FakeTable<u32, u64> {
     }
 }
 
+/// An in-memory one-entry array.
+#[derive(Debug, Clone, Default)]
+pub struct FakeValue<T>(pub T);
+
+impl<T: Clone + Send> OneValue<T> for FakeValue<T> {
+    fn get(&self) -> Result<T, MapError> {
+        Ok(self.0.clone())
+    }
+
+    fn set(&mut self, value: &T) -> Result<(), MapError> {
+        self.0 = value.clone();
+        Ok(())
+    }
+}
+
 /// The fake data path: maps in memory.
 #[derive(Default)]
 pub struct FakeMaps {
@@ -116,6 +138,7 @@ pub struct FakeMaps {
     pub dst_policy: FakeTable<Cidr, u32>,
     pub source_ranges: FakeTable<SourceRange, u32>,
     pub frontend_filter: FakeTable<u32, u64>,
+    pub service_cidrs: FakeValue<ServiceCidrs>,
 }
 
 impl DataPathMaps for FakeMaps {
@@ -142,6 +165,9 @@ impl DataPathMaps for FakeMaps {
     }
     fn frontend_filter(&mut self) -> &mut dyn WordArray {
         &mut self.frontend_filter
+    }
+    fn service_cidrs(&mut self) -> &mut dyn OneValue<ServiceCidrs> {
+        &mut self.service_cidrs
     }
     fn occupancy(&mut self) -> Vec<(&'static str, usize, u32)> {
         use proxy_common::maps as m;
@@ -288,9 +314,21 @@ pub fn dump(maps: &mut dyn DataPathMaps) -> Result<String, MapError> {
         out,
         "# {} ({}, {bits} of {} bits set)",
         proxy_common::maps::FRONTEND_FILTER,
-        if enabled { "in use" } else { "not in use yet" },
+        if enabled { "in use" } else { "not in use" },
         1u32 << proxy_common::frontend_filter::BITS_LOG2
     );
+    let cidrs = maps.service_cidrs().get()?;
+    let _ = writeln!(out, "# {}", proxy_common::maps::SERVICE_CIDRS);
+    for [n0, n1, m0, m1] in cidrs.cidrs.iter().take(cidrs.count as usize) {
+        let bytes = |a: u64, b: u64| {
+            let mut out = [0u8; 16];
+            out[..8].copy_from_slice(&a.to_ne_bytes());
+            out[8..].copy_from_slice(&b.to_ne_bytes());
+            out
+        };
+        let len = u128::from_be_bytes(bytes(*m0, *m1)).leading_ones();
+        let _ = writeln!(out, "{}", cidr_text(&(len, bytes(*n0, *n1))));
+    }
     Ok(out)
 }
 

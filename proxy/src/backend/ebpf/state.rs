@@ -11,16 +11,18 @@
 //! removed (drift repair), and after a restart the sets already in the pinned maps are adopted
 //! when their content matches, so a restarted ferry rewrites nothing that is right.
 //!
-//! The frontend filter's bit for an address is set before the first entry naming the address
-//! is written, and never cleared (see `proxy_common::frontend_filter`); the filter is switched
-//! on at the end of the first full sync, when every bit is in place.
+//! The frontend filter's bit for an address (a frontend's, a NodePort node address, an
+//! allocated ClusterIP) is set before the first entry naming the address is written, and never
+//! cleared (see `proxy_common::frontend_filter`); the filter is switched on at the end of the
+//! first full sync, when every bit and the service CIDR list are in place, and off while the
+//! service CIDRs do not fit in the list.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 
 use proxy_common::{
     Endpoint, EndpointKey, FrontendKey, FrontendValue, MAGLEV_MAX_SIZE, MaglevTable, NODE_PORT_ADDR_V4,
-    NODE_PORT_ADDR_V6, frontend_filter, node_addr,
+    NODE_PORT_ADDR_V6, ServiceCidrs, dst_policy, frontend_filter, node_addr,
 };
 
 use super::compile::{self, EndpointList, PortMaps};
@@ -66,6 +68,8 @@ pub struct State {
     /// Words of the frontend filter ferry has set (and found set at start), by index.
     filter: HashMap<u32, u64>,
     filter_enabled: bool,
+    /// The service CIDR list as written; `None`: more CIDRs than it holds (filter off).
+    filter_cidrs: Option<ServiceCidrs>,
     /// Map writes and deletes of the current sync.
     pub operations: usize,
 }
@@ -91,6 +95,7 @@ impl State {
             adopted_frontends: HashMap::new(),
             filter: HashMap::new(),
             filter_enabled: false,
+            filter_cidrs: Some(ServiceCidrs::default()),
             operations: 0,
         }
     }
@@ -107,6 +112,31 @@ impl State {
             *word |= mask;
             maps.frontend_filter().set(index, *word)?;
             self.operations += 1;
+        }
+        Ok(())
+    }
+
+    /// Writes the service CIDR list (one map update), or switches the filter off when the
+    /// CIDRs do not fit.
+    fn set_filter_cidrs(&mut self, plan: &Plan, maps: &mut dyn DataPathMaps) -> Result<(), MapError> {
+        if plan.service_cidrs.len() > ServiceCidrs::MAX {
+            if self.filter_enabled {
+                maps.frontend_filter().set(frontend_filter::ENABLED_WORD, 0)?;
+                self.filter_enabled = false;
+                self.operations += 1;
+            }
+            self.filter_cidrs = None;
+            return Ok(());
+        }
+        let mut want = ServiceCidrs { count: plan.service_cidrs.len() as u32, ..ServiceCidrs::default() };
+        for (slot, net) in want.cidrs.iter_mut().zip(&plan.service_cidrs) {
+            let (len, addr) = cidr(net);
+            *slot = frontend_filter::cidr_words(&addr, len);
+        }
+        if self.filter_cidrs != Some(want) {
+            maps.service_cidrs().set(&want)?;
+            self.operations += 1;
+            self.filter_cidrs = Some(want);
         }
         Ok(())
     }
@@ -311,7 +341,11 @@ impl State {
         }
         self.pod_cidrs = pods;
         let dst: BTreeMap<Cidr, u32> = g.dst_policy.into_iter().collect();
+        self.set_filter_cidrs(plan, maps)?;
         for (k, v) in &dst {
+            if *v == dst_policy::REJECT {
+                self.mark_frontend(&k.1, maps)?;
+            }
             if self.dst_policy.get(k) != Some(v) {
                 maps.dst_policy().put(k, v)?;
                 self.operations += 1;
@@ -358,7 +392,6 @@ impl State {
         diff: &PlanDiff,
         maps: &mut dyn DataPathMaps,
     ) -> Result<(), MapError> {
-        use proxy_common::dst_policy;
         // A service CIDR of a single address keeps its own entry.
         let is_cidr = |key: &Cidr| plan.service_cidrs.iter().any(|n| cidr(n) == *key);
         for ip in &diff.cluster_ips_removed {
@@ -370,6 +403,7 @@ impl State {
         }
         for ip in &diff.cluster_ips_added {
             let key: Cidr = (128, addr16(*ip));
+            self.mark_frontend(&key.1, maps)?;
             if let std::collections::btree_map::Entry::Vacant(entry) = self.dst_policy.entry(key) {
                 maps.dst_policy().put(&key, &dst_policy::REJECT)?;
                 entry.insert(dst_policy::REJECT);
@@ -455,6 +489,7 @@ impl State {
         let words = maps.frontend_filter().nonzero()?;
         self.filter_enabled = words.iter().any(|(i, _)| *i == frontend_filter::ENABLED_WORD);
         self.filter = words.into_iter().filter(|(i, _)| *i != frontend_filter::ENABLED_WORD).collect();
+        self.filter_cidrs = Some(maps.service_cidrs().get()?);
         Ok(())
     }
 
@@ -547,6 +582,11 @@ impl State {
                 maps.frontend_filter().set(*index, *word)?;
                 self.operations += 1;
             }
+        }
+        let Some(cidrs) = self.filter_cidrs else { return Ok(()) };
+        if maps.service_cidrs().get()? != cidrs {
+            maps.service_cidrs().set(&cidrs)?;
+            self.operations += 1;
         }
         if !self.filter_enabled || maps.frontend_filter().get(frontend_filter::ENABLED_WORD)? == 0 {
             maps.frontend_filter().set(frontend_filter::ENABLED_WORD, 1)?;

@@ -199,3 +199,38 @@ fn the_frontend_filter_covers_every_frontend_and_node_port_address_and_keeps_rem
     assert!(has(&maps, &db_ip) && has(&maps, &addrs[0]), "bits lost by drift come back");
     assert_eq!(maps.frontend_filter.0.get(&frontend_filter::ENABLED_WORD), Some(&1));
 }
+
+#[test]
+fn the_service_cidrs_are_listed_for_the_filter_which_stays_off_when_they_do_not_fit() {
+    use proxy_common::frontend_filter::{self as ff, ENABLED_WORD};
+    let web = port("web", "10.96.0.10", &["10.0.1.10:8080"]);
+    let mut p = plan(&[web]);
+    p.service_cidrs = vec!["10.96.0.0/16".parse().expect("cidr"), "fd00:96::/112".parse().expect("cidr")];
+    let mut maps = FakeMaps::default();
+    let mut state = State::new(251);
+    state.full(&p, &config(), &mut maps).expect("sync");
+    let list = maps.service_cidrs.0;
+    assert_eq!(list.count, 2);
+    for (slot, net) in list.cidrs.iter().zip(&p.service_cidrs) {
+        let (len, addr) = super::maps::cidr(net);
+        assert_eq!(*slot, ff::cidr_words(&addr, len), "{net}");
+    }
+    let enabled = |maps: &FakeMaps| maps.frontend_filter.0.get(&ENABLED_WORD).copied().unwrap_or(0);
+    assert_eq!(enabled(&maps), 1);
+    let text = super::maps::dump(&mut maps).expect("dump");
+    assert!(text.contains("# SERVICE_CIDRS\n10.96.0.0/16\nfd00:96::/112\n"), "{text}");
+
+    p.service_cidrs = (0..9u8).map(|i| format!("10.{}.0.0/16", 100 + i).parse().expect("cidr")).collect();
+    let diff = PlanDiff { service_cidrs_changed: true, ..PlanDiff::default() };
+    state.partial(&p, &diff, &config(), &mut maps).expect("nine service CIDRs");
+    assert_eq!(enabled(&maps), 0, "more service CIDRs than the list holds: off at once");
+    state.full(&p, &config(), &mut maps).expect("full");
+    assert_eq!(enabled(&maps), 0, "and it stays off");
+    p.service_cidrs.truncate(1);
+    state.full(&p, &config(), &mut maps).expect("one service CIDR again");
+    assert_eq!((enabled(&maps), maps.service_cidrs.0.count), (1, 1));
+
+    maps.service_cidrs.0 = proxy_common::ServiceCidrs::default();
+    state.full(&p, &config(), &mut maps).expect("repair");
+    assert_eq!(maps.service_cidrs.0.count, 1, "a lost list comes back");
+}
