@@ -761,6 +761,11 @@ fn a_malformed_manifest_costs_no_other_service_its_rules(backend: Backend) {
     fx.wait_for_sync(mark, SyncKind::Changed, Duration::from_secs(10));
     fx.wait_for_log(mark, "broken.yaml");
     fx.wait_for_log(mark, "e2e/bad");
+    for family in Family::ALL {
+        for (proto, port) in PORTS {
+            fx.wait_until_answered(proto, fx.cluster_addr(16, family, port));
+        }
+    }
     let check = |n: u8, what: &str| {
         for family in Family::ALL {
             for (proto, port) in PORTS {

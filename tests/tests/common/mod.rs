@@ -207,6 +207,17 @@ impl Fixture {
         }
     }
 
+    /// Waits until a request from the client pod to `target` is answered: objects are parsed
+    /// before the sync that programs them, and a Service may be synced before the
+    /// EndpointSlice beside it (REJECT meanwhile), as with the API.
+    pub fn wait_until_answered(&self, proto: Proto, target: SocketAddr) {
+        let deadline = Instant::now() + SYNC_TIMEOUT * 3;
+        while let Err(e) = try_request(&self.cluster.client.ns, proto, target, DROP_TIMEOUT) {
+            assert!(Instant::now() < deadline, "{proto:?} to {target} never answered: {e}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits until ferry's output after `mark` contains `needle`.
     pub fn wait_for_log(&self, mark: usize, needle: &str) {
         let deadline = Instant::now() + SYNC_TIMEOUT;
