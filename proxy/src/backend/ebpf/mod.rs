@@ -332,8 +332,17 @@ impl EbpfBackend {
         Ok(operations)
     }
 
-    /// Logs map occupancy; warns above 90 %.
+    /// Logs map occupancy; warns above 90 %, and when a quarter of the frontend filter's bits
+    /// are set (bits are never cleared while the maps stay pinned, so addresses that were
+    /// frontends once accumulate; the more bits, the more packets to no service take the full
+    /// path).
     fn report_pressure(&mut self) {
+        let (bits, size) = self.state.filter_fill();
+        if bits > size / 4 {
+            warn!(bits, size, "eBPF frontend filter over a quarter full: `ferry cleanup` rebuilds it");
+        } else {
+            debug!(bits, size, "eBPF frontend filter");
+        }
         let Some(kernel) = self.kernel.as_mut() else { return };
         for (name, used, max) in kernel.maps().occupancy() {
             let ratio = used as f64 / f64::from(max.max(1));

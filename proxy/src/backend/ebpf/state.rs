@@ -141,6 +141,11 @@ impl State {
         Ok(())
     }
 
+    /// Bits of the frontend filter set, and its size in bits.
+    pub fn filter_fill(&self) -> (u32, u32) {
+        (self.filter.values().map(|w| w.count_ones()).sum(), 1 << frontend_filter::BITS_LOG2)
+    }
+
     /// Number of endpoint sets in use.
     pub fn set_count(&self) -> usize {
         self.sets.len()

@@ -189,6 +189,7 @@ fn the_frontend_filter_covers_every_frontend_and_node_port_address_and_keeps_rem
         .map(|(_, w)| w.count_ones())
         .sum();
     assert_eq!(bits as usize, addrs.len(), "nothing else");
+    assert_eq!(state.filter_fill(), (bits, 1 << frontend_filter::BITS_LOG2), "what the fill warning reads");
 
     let db_ip = super::maps::addr16("10.96.0.11".parse().expect("ip"));
     state.full(&plan(std::slice::from_ref(&web)), &config(), &mut maps).expect("db removed");
