@@ -582,6 +582,43 @@ fn a_clear_frontend_filter_bit_skips_the_lookups_and_a_filter_not_switched_on_is
     assert_eq!(syn.parse().dst, endpoint);
 }
 
+/// A restart rebuilds the frontend filter from the plan and the destinations in `CONNTRACK`:
+/// a frontend deleted while ferry was down keeps its bit while a connection to it lives (and
+/// the connection its translation), one without connections loses it.
+#[test]
+fn a_restart_rebuilds_the_frontend_filter_and_a_connection_to_a_deleted_frontend_survives() {
+    use proxy::backend::ebpf::maps::DataPathMaps;
+    use proxy_common::frontend_filter;
+    let has_bit = |kernel: &mut Kernel, addr: [u8; 4]| {
+        let (word, mask) =
+            frontend_filter::word_and_mask(frontend_filter::bit(&proxy_common::ipv4_mapped(addr)));
+        kernel.maps().frontend_filter().get(word).expect("filter word") & mask != 0
+    };
+    let web = sock("10.0.1.10:8080");
+    let (_fs, mut kernel) = load(
+        "filter_rebuild",
+        &[
+            PortPlan::cluster_ip("web", "10.96.0.10", 80, &[web]),
+            PortPlan::cluster_ip("db", "10.96.0.11", 80, &[sock("10.0.1.20:5432")]),
+        ],
+    );
+    let client = v4("10.0.1.2");
+    assert_eq!(
+        TestRun::ingress(&kernel, &Frame::tcp4(client, 40000, v4("10.96.0.10"), 80, Frame::SYN)).parse().dst,
+        web
+    );
+    assert!(has_bit(&mut kernel, [10, 96, 0, 10]) && has_bit(&mut kernel, [10, 96, 0, 11]));
+
+    let mut restarted = State::new(maglev::DEFAULT_TABLE_SIZE);
+    restarted.full(&plan_of(&[]), &config(), kernel.maps()).expect("a restart with both services gone");
+    assert!(has_bit(&mut kernel, [10, 96, 0, 10]), "a live connection's frontend keeps its bit");
+    assert!(!has_bit(&mut kernel, [10, 96, 0, 11]), "a frontend without connections loses it");
+    let ack = TestRun::ingress(&kernel, &Frame::tcp4(client, 40000, v4("10.96.0.10"), 80, Frame::ACK));
+    assert_eq!(ack.parse().dst, web, "the connection keeps its endpoint");
+    let syn = TestRun::ingress(&kernel, &Frame::tcp4(client, 40001, v4("10.96.0.11"), 80, Frame::SYN));
+    assert_eq!(syn.verdict, TC_ACT_SHOT, "an unallocated address of the service CIDR");
+}
+
 /// The benchmarks' bug: a client connects to a ClusterIP from source port S (translated to
 /// endpoint E), then straight to E from the same S. The second flow has the same addresses and
 /// ports after DNAT as the first, so the first flow's reverse entry matched its replies and

@@ -743,6 +743,9 @@ impl DataPathMaps for KernelMaps {
     fn service_cidrs(&mut self) -> &mut dyn OneValue<proxy_common::ServiceCidrs> {
         &mut self.service_cidrs
     }
+    fn connection_destinations(&self) -> Result<Vec<[u8; 16]>, MapError> {
+        self.conntrack.keys().map(|k| k.map(|k| k.daddr).map_err(|e| err(m::CONNTRACK, "keys", e))).collect()
+    }
     fn occupancy(&mut self) -> Vec<(&'static str, usize, u32)> {
         let s = self.sizes.clone();
         let mut out = vec![

@@ -57,6 +57,9 @@ pub trait DataPathMaps: Send {
     fn source_ranges(&mut self) -> &mut dyn MapTable<SourceRange, u32>;
     fn frontend_filter(&mut self) -> &mut dyn WordArray;
     fn service_cidrs(&mut self) -> &mut dyn OneValue<ServiceCidrs>;
+    /// The destination addresses of the connections in `CONNTRACK` (as their clients sent
+    /// them): what the frontend filter must keep when it is rebuilt.
+    fn connection_destinations(&self) -> Result<Vec<[u8; 16]>, MapError>;
     /// (map name, entries, capacity) of every map, for pressure reports.
     fn occupancy(&mut self) -> Vec<(&'static str, usize, u32)>;
     /// The summed per-CPU counters, indexed by `proxy_common::Stat` (empty for the fake).
@@ -139,6 +142,8 @@ pub struct FakeMaps {
     pub source_ranges: FakeTable<SourceRange, u32>,
     pub frontend_filter: FakeTable<u32, u64>,
     pub service_cidrs: FakeValue<ServiceCidrs>,
+    /// Destinations of the connections the programs would have recorded.
+    pub connections: Vec<[u8; 16]>,
 }
 
 impl DataPathMaps for FakeMaps {
@@ -168,6 +173,9 @@ impl DataPathMaps for FakeMaps {
     }
     fn service_cidrs(&mut self) -> &mut dyn OneValue<ServiceCidrs> {
         &mut self.service_cidrs
+    }
+    fn connection_destinations(&self) -> Result<Vec<[u8; 16]>, MapError> {
+        Ok(self.connections.clone())
     }
     fn occupancy(&mut self) -> Vec<(&'static str, usize, u32)> {
         use proxy_common::maps as m;

@@ -333,13 +333,13 @@ impl EbpfBackend {
     }
 
     /// Logs map occupancy; warns above 90 %, and when a quarter of the frontend filter's bits
-    /// are set (bits are never cleared while the maps stay pinned, so addresses that were
-    /// frontends once accumulate; the more bits, the more packets to no service take the full
+    /// are set (bits are only cleared when ferry starts, so addresses that were frontends
+    /// accumulate while it runs; the more bits, the more packets to no service take the full
     /// path).
     fn report_pressure(&mut self) {
         let (bits, size) = self.state.filter_fill();
         if bits > size / 4 {
-            warn!(bits, size, "eBPF frontend filter over a quarter full: `ferry cleanup` rebuilds it");
+            warn!(bits, size, "eBPF frontend filter over a quarter full: a restart of ferry rebuilds it");
         } else {
             debug!(bits, size, "eBPF frontend filter");
         }

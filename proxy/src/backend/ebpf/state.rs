@@ -70,6 +70,11 @@ pub struct State {
     filter_enabled: bool,
     /// The service CIDR list as written; `None`: more CIDRs than it holds (filter off).
     filter_cidrs: Option<ServiceCidrs>,
+    /// During the first full sync after adopting pinned maps: the bits the filter needs (this
+    /// sync's marks and the destinations of live connections); the others are cleared at its
+    /// end. Until then every adopted bit stays, so no packet meets a bit cleared too early.
+    filter_rebuild: Option<HashMap<u32, u64>>,
+    filter_adopted: bool,
     /// Map writes and deletes of the current sync.
     pub operations: usize,
 }
@@ -96,6 +101,8 @@ impl State {
             filter: HashMap::new(),
             filter_enabled: false,
             filter_cidrs: Some(ServiceCidrs::default()),
+            filter_rebuild: None,
+            filter_adopted: false,
             operations: 0,
         }
     }
@@ -107,6 +114,9 @@ impl State {
             return Ok(());
         }
         let (index, mask) = frontend_filter::word_and_mask(frontend_filter::bit(addr));
+        if let Some(needed) = &mut self.filter_rebuild {
+            *needed.entry(index).or_insert(0) |= mask;
+        }
         let word = self.filter.entry(index).or_insert(0);
         if *word & mask == 0 {
             *word |= mask;
@@ -490,7 +500,17 @@ impl State {
         self.pod_cidrs = maps.pod_cidrs().keys()?.into_iter().collect();
         self.dst_policy = maps.dst_policy().list()?.into_iter().collect();
         self.source_ranges = maps.source_ranges().keys()?.into_iter().collect();
-        // Bits an earlier run set may guard connections it translated: kept.
+        // Bits an earlier run set are kept through this sync; at its end only those of its
+        // frontends and of live connections stay (see `filter_rebuild`).
+        if !self.filter_adopted {
+            self.filter_adopted = true;
+            let mut needed: HashMap<u32, u64> = HashMap::new();
+            for addr in maps.connection_destinations()? {
+                let (index, mask) = frontend_filter::word_and_mask(frontend_filter::bit(&addr));
+                *needed.entry(index).or_insert(0) |= mask;
+            }
+            self.filter_rebuild = Some(needed);
+        }
         let words = maps.frontend_filter().nonzero()?;
         self.filter_enabled = words.iter().any(|(i, _)| *i == frontend_filter::ENABLED_WORD);
         self.filter = words.into_iter().filter(|(i, _)| *i != frontend_filter::ENABLED_WORD).collect();
@@ -578,6 +598,17 @@ impl State {
         for k in kernel.keys().filter(|k| !self.dst_policy.contains_key(*k)) {
             maps.dst_policy().del(k)?;
             self.operations += 1;
+        }
+        if let Some(needed) = self.filter_rebuild.take() {
+            let indices: HashSet<u32> = self.filter.keys().chain(needed.keys()).copied().collect();
+            for index in indices {
+                let want = needed.get(&index).copied().unwrap_or(0);
+                if self.filter.get(&index).copied().unwrap_or(0) != want {
+                    maps.frontend_filter().set(index, want)?;
+                    self.operations += 1;
+                }
+            }
+            self.filter = needed;
         }
         // The filter: only missing bits are drift (extra ones cost a lookup, never a packet).
         for (index, word) in &mut self.filter {

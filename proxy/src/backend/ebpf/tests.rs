@@ -235,3 +235,31 @@ fn the_service_cidrs_are_listed_for_the_filter_which_stays_off_when_they_do_not_
     state.full(&p, &config(), &mut maps).expect("repair");
     assert_eq!(maps.service_cidrs.0.count, 1, "a lost list comes back");
 }
+
+#[test]
+fn a_restart_rebuilds_the_frontend_filter_keeping_the_bits_of_live_connections() {
+    use proxy_common::frontend_filter;
+    let has = |maps: &FakeMaps, ip: &str| {
+        let addr = super::maps::addr16(ip.parse().expect("ip"));
+        let (word, mask) = frontend_filter::word_and_mask(frontend_filter::bit(&addr));
+        maps.frontend_filter.0.get(&word).is_some_and(|w| w & mask != 0)
+    };
+    let ports = [
+        port("web", "10.96.0.10", &["10.0.1.10:8080"]),
+        port("db", "10.96.0.11", &["10.0.1.20:5432"]),
+        port("cache", "10.96.0.12", &["10.0.1.30:6379"]),
+    ];
+    let mut maps = FakeMaps::default();
+    State::new(251).full(&plan(&ports), &config(), &mut maps).expect("sync");
+    // While ferry is down, web and db are deleted; a client still talks to web.
+    maps.connections.push(super::maps::addr16("10.96.0.10".parse().expect("ip")));
+    let mut restarted = State::new(251);
+    restarted.full(&plan(&ports[2..]), &config(), &mut maps).expect("sync after the restart");
+    assert!(has(&maps, "10.96.0.10"), "a live connection's frontend keeps its bit");
+    assert!(!has(&maps, "10.96.0.11"), "a deleted frontend without connections loses it");
+    assert!(has(&maps, "10.96.0.12"));
+    let words = maps.frontend_filter.0.clone();
+    maps.connections.clear();
+    restarted.full(&plan(&ports[2..]), &config(), &mut maps).expect("the next full sync");
+    assert_eq!(maps.frontend_filter.0, words, "rebuilt at the start only: the bit stays");
+}
