@@ -504,20 +504,24 @@ fn udp_flows_to_an_endpoint_that_went_away_choose_again_after_the_sync() {
     assert_eq!(TestRun::ingress(&kernel, &datagram).parse().dst, b, "after the purge the flow chooses again");
 }
 
+/// ClusterIP 10.96.0.10:80 with one endpoint, and a connection to it opened from
+/// 10.0.1.2:40000 (its SYN translated). Returns the endpoint.
+fn one_open_connection(test: &str) -> (Bpffs, Kernel, SocketAddr) {
+    let endpoint = sock("10.0.1.10:8080");
+    let (fs, kernel) = load(test, &[PortPlan::cluster_ip("web", "10.96.0.10", 80, &[endpoint])]);
+    let syn = Frame::tcp4(v4("10.0.1.2"), 40000, v4("10.96.0.10"), 80, Frame::SYN);
+    assert_eq!(TestRun::ingress(&kernel, &syn).parse().dst, endpoint, "the connection's SYN");
+    (fs, kernel, endpoint)
+}
+
 /// As netfilter's conntrack keeps NATing an established connection whatever the rules become
 /// (the nftables backend, kube-proxy), a TCP connection keeps its endpoint both ways after its
 /// frontend is deleted; a new connection to the address is no longer translated (dropped: the
 /// address is now an unallocated one of the service CIDR).
 #[test]
 fn an_established_tcp_connection_outlives_its_deleted_frontend_and_new_ones_are_dropped() {
-    let endpoint = sock("10.0.1.10:8080");
-    let (_fs, mut kernel) =
-        load("deleted_frontend", &[PortPlan::cluster_ip("web", "10.96.0.10", 80, &[endpoint])]);
+    let (_fs, mut kernel, endpoint) = one_open_connection("deleted_frontend");
     let (client, vip) = (v4("10.0.1.2"), v4("10.96.0.10"));
-    assert_eq!(
-        TestRun::ingress(&kernel, &Frame::tcp4(client, 40000, vip, 80, Frame::SYN)).parse().dst,
-        endpoint
-    );
 
     let mut state = State::new(maglev::DEFAULT_TABLE_SIZE);
     state.full(&plan_of(&[]), &config(), kernel.maps()).expect("a full sync without the service");
@@ -543,14 +547,8 @@ fn an_established_tcp_connection_outlives_its_deleted_frontend_and_new_ones_are_
 fn a_clear_frontend_filter_bit_skips_the_lookups_and_a_filter_not_switched_on_is_ignored() {
     use proxy::backend::ebpf::maps::DataPathMaps;
     use proxy_common::frontend_filter;
-    let endpoint = sock("10.0.1.10:8080");
-    let (_fs, mut kernel) =
-        load("frontend_filter", &[PortPlan::cluster_ip("web", "10.96.0.10", 80, &[endpoint])]);
+    let (_fs, mut kernel, endpoint) = one_open_connection("frontend_filter");
     let (client, vip) = (v4("10.0.1.2"), v4("10.96.0.10"));
-    assert_eq!(
-        TestRun::ingress(&kernel, &Frame::tcp4(client, 40000, vip, 80, Frame::SYN)).parse().dst,
-        endpoint
-    );
     let ack = Frame::tcp4(client, 40000, vip, 80, Frame::ACK);
     assert_eq!(TestRun::ingress(&kernel, &ack).parse().dst, endpoint);
 
