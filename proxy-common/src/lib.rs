@@ -20,6 +20,9 @@ pub mod programs {
     /// TC classifier on the ingress of node interfaces: new connections to a frontend are
     /// translated (DNAT) and recorded in [`crate::maps::CONNTRACK`]; later packets follow it.
     pub const TC_INGRESS: &str = "ferry_tc_ingress";
+    /// Read-only global (`u8`) of the object: non-zero makes the TC programs send translated
+    /// packets straight to their next hop (`--bypass-netfilter`).
+    pub const BYPASS_NETFILTER: &str = "BYPASS_NETFILTER";
     /// TC classifier on the egress of node interfaces: replies get their source translated
     /// back to the frontend ([`crate::maps::REVNAT`]).
     pub const TC_EGRESS: &str = "ferry_tc_egress";
@@ -498,11 +501,13 @@ pub enum Stat {
     /// A translated connection ended because its client opened a direct flow with the same
     /// addresses and ports after DNAT (its entries were deleted).
     Superseded = 12,
+    /// A translated packet sent straight to its next hop (`--bypass-netfilter`), either way.
+    Bypassed = 13,
 }
 
 impl Stat {
     /// Number of counters, the `max_entries` of [`maps::STATS`].
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     /// Every counter, in index order.
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::ServiceHit,
@@ -518,6 +523,7 @@ impl Stat {
         Self::MapUpdateFailed,
         Self::SocketTranslated,
         Self::Superseded,
+        Self::Bypassed,
     ];
 
     /// The index in [`maps::STATS`].
@@ -541,6 +547,7 @@ impl Stat {
             Self::MapUpdateFailed => "map_update_failed",
             Self::SocketTranslated => "socket_translated",
             Self::Superseded => "superseded",
+            Self::Bypassed => "bypassed",
         }
     }
 }

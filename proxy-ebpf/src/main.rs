@@ -16,8 +16,14 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_addr},
-    helpers::{bpf_csum_diff, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, TC_ACT_OK,
+        TC_ACT_SHOT, bpf_fib_lookup, bpf_sock_addr,
+    },
+    helpers::{
+        bpf_csum_diff, bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_get_socket_cookie,
+        bpf_ktime_get_ns, bpf_redirect,
+    },
     macros::{cgroup_sock_addr, classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{SockAddrContext, TcContext},
@@ -187,6 +193,135 @@ fn set_flow_addrs(key: &mut FlowKey, saddr: [u64; 2], daddr: [u64; 2]) {
     }
 }
 
+/// Load-time setting (`EbpfLoader::override_global`, `--bypass-netfilter`): a translated packet
+/// whose connection needs no masquerade goes straight to its next hop (`bpf_fib_lookup`, then
+/// `bpf_redirect` to the route's interface), and replies are translated back on ingress and
+/// sent the same way. Such packets skip netfilter (conntrack, NAT, filter chains) and the
+/// stack's forwarding: faster, but invisible to firewall rules of the node (see docs/ebpf.md).
+/// Zero: everything goes through the stack. A constant for the verifier, which drops the
+/// branches it disables.
+#[unsafe(no_mangle)]
+static BYPASS_NETFILTER: u8 = 0;
+
+#[inline(always)]
+fn bypass_netfilter() -> bool {
+    // SAFETY: a read-only global; volatile so the compiler does not fold in the zero above.
+    unsafe { core::ptr::read_volatile(&BYPASS_NETFILTER) != 0 }
+}
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// A DNATed packet of connection `s.pkt` → `s.ct` (no masquerade): sent to the endpoint's next
+/// hop, or left to the stack when the route needs it (see [`next_hop_known`]).
+#[inline(never)]
+fn forward_translated(ctx: &TcContext, s: &mut Scratch) -> i32 {
+    let flow = &s.pkt.flow;
+    fill_fib(ctx, &mut s.fib, &s.pkt, [&flow.saddr, &s.ct.addr], [flow.sport, s.ct.port]);
+    if !next_hop_known(ctx, &s.pkt, &mut s.fib) {
+        return TC_ACT_OK as i32;
+    }
+    send_to_next_hop(ctx, &s.pkt, &s.fib)
+}
+
+/// A reply from an endpoint, seen on ingress: translated back to its frontend (as the egress
+/// program would after netfilter) and sent to the client's next hop. When the route needs the
+/// stack, the packet is left untouched and follows today's path (netfilter, then the egress
+/// program's reverse translation).
+#[inline(never)]
+fn reply_straight_to_client(ctx: &TcContext, s: &mut Scratch) -> i32 {
+    let Some(original) = REVNAT.get_ptr(&s.pkt.flow) else { return TC_ACT_OK as i32 };
+    // SAFETY: a map value, valid during this run; copied out at once.
+    copy_revnat(&mut s.original, unsafe { &*original });
+    let flow = &s.pkt.flow;
+    fill_fib(ctx, &mut s.fib, &s.pkt, [&s.original.addr, &flow.daddr], [s.original.port, flow.dport]);
+    if !next_hop_known(ctx, &s.pkt, &mut s.fib) {
+        return TC_ACT_OK as i32;
+    }
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut s.rw.new_addr, &s.original.addr) };
+    s.rw.new_port = s.original.port;
+    if rewrite(ctx, &s.pkt, false, &mut s.rw).is_err() {
+        count(Stat::ParseError);
+        return TC_ACT_OK as i32;
+    }
+    count(Stat::ReverseNat);
+    send_to_next_hop(ctx, &s.pkt, &s.fib)
+}
+
+/// The route lookup's parameters for a packet from `addrs[0]`:`ports[0]` to
+/// `addrs[1]`:`ports[1]` (network order), arriving on the packet's interface. `tot_len` zero:
+/// the kernel checks the packet (GSO-aware) against the route's MTU instead.
+#[inline(always)]
+fn fill_fib(ctx: &TcContext, fib: &mut bpf_fib_lookup, pkt: &Packet, addrs: [&[u8; 16]; 2], ports: [u16; 2]) {
+    let ([saddr, daddr], [sport, dport]) = (addrs, ports);
+    // SAFETY: reading a field of the context the kernel passed.
+    fib.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    fib.family = if pkt.ipv6 { AF_INET6 } else { AF_INET };
+    fib.l4_protocol = pkt.flow.protocol;
+    fib.sport = sport;
+    fib.dport = dport;
+    fib.__bindgen_anon_1.tot_len = 0;
+    fib.__bindgen_anon_2.flowinfo = 0;
+    let (src, dst) = (words16(saddr), words16(daddr));
+    if pkt.ipv6 {
+        fib.__bindgen_anon_3.ipv6_src = src;
+        fib.__bindgen_anon_4.ipv6_dst = dst;
+    } else {
+        fib.__bindgen_anon_3.ipv4_src = src[3];
+        fib.__bindgen_anon_4.ipv4_dst = dst[3];
+    }
+}
+
+/// Looks up the route of `fib`: true when it is forwarded to a next hop whose link-layer
+/// address is known and the packet may be forwarded. Otherwise (no route, a local
+/// destination, an unresolved neighbour, a packet too big, a hop limit of 1) the stack must
+/// handle the packet.
+#[inline(always)]
+fn next_hop_known(ctx: &TcContext, pkt: &Packet, fib: &mut bpf_fib_lookup) -> bool {
+    // SAFETY: the argument types the helper takes; `fib` is per-CPU scratch memory.
+    let found =
+        unsafe { fib_lookup(ctx.skb.skb.cast(), fib, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
+    found == i64::from(BPF_FIB_LKUP_RET_SUCCESS) && hop_limit_allows_forwarding(ctx, pkt)
+}
+
+/// Whether the packet may be forwarded (TTL / hop limit above 1); otherwise the stack sends
+/// the ICMP error.
+#[inline(always)]
+fn hop_limit_allows_forwarding(ctx: &TcContext, pkt: &Packet) -> bool {
+    let offset = if pkt.ipv6 { pkt.l3 + 7 } else { pkt.l3 + 8 };
+    matches!(load::<u8>(ctx, offset), Ok(hops) if hops > 1)
+}
+
+/// Does what forwarding would: one less TTL / hop limit (and the IPv4 header checksum), the
+/// next hop's and the interface's link-layer addresses; then redirects to that interface.
+#[inline(always)]
+fn send_to_next_hop(ctx: &TcContext, pkt: &Packet, fib: &bpf_fib_lookup) -> i32 {
+    if pkt.ipv6 {
+        let Ok(hops) = load::<u8>(ctx, pkt.l3 + 7) else { return TC_ACT_OK as i32 };
+        if ctx.store(pkt.l3 + 7, &(hops - 1), 0).is_err() {
+            return TC_ACT_OK as i32;
+        }
+    } else {
+        // TTL and protocol, then the checksum: one 16-bit word of the header drops by 0x0100.
+        let Ok([ttl_proto, check]) = load::<[u16; 2]>(ctx, pkt.l3 + 8) else { return TC_ACT_OK as i32 };
+        let old = u16::from_be(ttl_proto);
+        let new = old.wrapping_sub(0x0100);
+        let check = csum_replace2(check, old.to_be(), new.to_be());
+        if ctx.store(pkt.l3 + 8, &[new.to_be(), check], 0).is_err() {
+            return TC_ACT_OK as i32;
+        }
+    }
+    let (d, m) = (&fib.dmac, &fib.smac);
+    let macs = [d[0], d[1], d[2], d[3], d[4], d[5], m[0], m[1], m[2], m[3], m[4], m[5]];
+    if ctx.store(0, &macs, 0).is_err() {
+        return TC_ACT_OK as i32;
+    }
+    count(Stat::Bypassed);
+    // SAFETY: a plain helper call.
+    unsafe { bpf_redirect(fib.ifindex, 0) as i32 }
+}
+
 /// The endpoint chosen for a new connection.
 struct Chosen {
     endpoint: Endpoint,
@@ -225,6 +360,8 @@ struct Scratch {
     aval: AffinityValue,
     rw: Rewrite,
     sock: SockKey,
+    /// Parameters and result of the route lookup of [`next_hop_known`].
+    fib: bpf_fib_lookup,
 }
 
 const SLOT_INGRESS: u32 = 0;
@@ -277,6 +414,9 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ParseError> {
             return Ok(TC_ACT_OK as i32);
         }
         _ => return Err(ParseError),
+    }
+    if bypass_netfilter() && REVNAT.get_ptr(&s.pkt.flow).is_some() {
+        return Ok(reply_straight_to_client(ctx, s));
     }
     let syn = s.pkt.is_tcp_syn();
     if !may_be_frontend(&s.pkt.flow) {
@@ -374,10 +514,14 @@ fn follow_connection(ctx: &TcContext, s: &mut Scratch) -> Result<i32, ParseError
     unsafe { copy_addr(&mut s.rw.new_addr, &s.ct.addr) };
     s.rw.new_port = s.ct.port;
     rewrite(ctx, &s.pkt, true, &mut s.rw)?;
+    count(Stat::Established);
     if s.ct.flags & ct::MASQUERADE != 0 {
         set_mark(ctx, mark::MASQUERADE);
+        return Ok(TC_ACT_OK as i32);
     }
-    count(Stat::Established);
+    if bypass_netfilter() {
+        return Ok(forward_translated(ctx, s));
+    }
     Ok(TC_ACT_OK as i32)
 }
 
@@ -596,10 +740,14 @@ fn new_connection(ctx: &TcContext, s: &mut Scratch) -> i32 {
         count(Stat::ParseError);
         return TC_ACT_OK as i32;
     }
+    count(Stat::ServiceHit);
     if masquerade {
         set_mark(ctx, mark::MASQUERADE);
+        return TC_ACT_OK as i32;
     }
-    count(Stat::ServiceHit);
+    if bypass_netfilter() {
+        return forward_translated(ctx, s);
+    }
     TC_ACT_OK as i32
 }
 
@@ -1026,6 +1174,16 @@ fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
         + u32::from(!((from >> 16) as u16))
         + (to & 0xffff)
         + (to >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// An Internet checksum after one 16-bit word of the data it covers changed from `from` to
+/// `to` (RFC 1624, eqn. 3), every value as read from the packet.
+#[inline(always)]
+fn csum_replace2(check: u16, from: u16, to: u16) -> u16 {
+    let mut sum = u32::from(!check) + u32::from(!from) + u32::from(to);
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)

@@ -25,8 +25,10 @@ use ebpf_common::{Bpffs, PortPlan, plan_of};
 use ferry_sandbox::{Cluster, ClusterSpec, Netns, Proto, Reply, Sandbox};
 use proxy::backend::Backend;
 use proxy::backend::ebpf::{EbpfBackend, EbpfOptions, TcAttach, TcHook};
+use proxy::conntrack::{Flow, Netlink};
+use proxy::model::IpFamily;
 use proxy::plan::{NodeConfig, Plan};
-use proxy_common::programs;
+use proxy_common::{Stat, programs};
 use tc::tc_programs;
 
 const PORT: u16 = 8080;
@@ -73,24 +75,25 @@ struct Env {
 }
 
 fn env(test: &str) -> Env {
-    env_with(test, TcAttach::Auto)
+    env_with(test, |_| {})
 }
 
-fn env_with(test: &str, tc_attach: TcAttach) -> Env {
+/// The test's environment, with the backend's options changed by `tune`.
+fn env_with(test: &str, tune: impl FnOnce(&mut EbpfOptions)) -> Env {
     let sb = Sandbox::new(test).expect("sandbox (kernel tests run as root)");
     let cluster =
         Cluster::build(&sb, &ClusterSpec { local_pods: 2, remote_pods: 1, responder_port: Some(PORT) })
             .expect("cluster");
     let fs = Bpffs::mount(test);
     let cgroup = TestCgroup::create(test);
-    let backend = EbpfBackend::new(EbpfOptions {
+    let mut options = EbpfOptions {
         bpffs: fs.path().to_path_buf(),
         cgroup_path: Some(cgroup.0.clone()),
         netns: Some(cluster.node.ns.name().to_owned()),
-        tc_attach,
         ..EbpfOptions::default()
-    })
-    .expect("backend");
+    };
+    tune(&mut options);
+    let backend = EbpfBackend::new(options).expect("backend");
     let mut config = NodeConfig::for_test(
         "node",
         &[&cluster.node.ip4.to_string(), &cluster.node.ip6.to_string()],
@@ -120,6 +123,11 @@ impl Env {
 
     fn sync(&mut self, plan: &Plan) -> usize {
         self.backend.sync(plan, None, &self.config).expect("eBPF sync").operations
+    }
+
+    /// One of the programs' counters, summed over CPUs.
+    fn stat(&mut self, stat: Stat) -> u64 {
+        self.backend.stats().expect("the programs' counters")[stat.index() as usize]
     }
 
     /// The source an endpoint sees when the node masquerades toward it.
@@ -224,6 +232,92 @@ fn pods_and_outside_clients_reach_services_over_tcp_and_udp_on_both_families() {
     }
 }
 
+/// `--bypass-netfilter`: pods reach services over TCP and UDP on both families with their
+/// packets sent straight to the next hop in both directions, so the node's conntrack never
+/// sees those flows (it does without the option: the second half). Connections that need
+/// masquerade (a pod reaching itself, outside clients of a NodePort with policy Cluster) still
+/// go through netfilter and work.
+#[test]
+fn with_netfilter_bypassed_pods_reach_services_and_the_node_conntrack_sees_none_of_it() {
+    for bypass in [true, false] {
+        let mut e =
+            env_with(if bypass { "ebpf_bypass" } else { "ebpf_no_bypass" }, |o| o.bypass_netfilter = bypass);
+        let mut ports = Vec::new();
+        for v6 in [false, true] {
+            let eps = e.endpoints(v6);
+            let vip = e.vip(10, v6).to_string();
+            ports.push(PortPlan::cluster_ip("web", &vip, 80, &eps).node_port(if v6 { 30081 } else { 30080 }));
+            ports.push(PortPlan::cluster_ip("dns", &vip, 53, &eps).udp());
+        }
+        e.sync(&plan_of(&ports));
+        let bypassed_before = e.stat(Stat::Bypassed);
+        for v6 in [false, true] {
+            let eps: BTreeSet<SocketAddr> = e.endpoints(v6).into_iter().collect();
+            let client = &e.cluster.client;
+            let client_ip = if v6 { IpAddr::V6(client.ip6) } else { IpAddr::V4(client.ip4) };
+            for (proto, port) in [(Proto::Tcp, 80), (Proto::Udp, 53)] {
+                let target = SocketAddr::new(e.vip(10, v6), port);
+                let replies = sample(&client.ns, proto, target, SPREAD);
+                assert_eq!(
+                    servers(&replies),
+                    eps,
+                    "{proto} from the client pod to {target} (bypass {bypass})"
+                );
+                for r in &replies {
+                    assert_eq!(r.peer.ip(), client_ip, "the endpoint sees the client ({proto} {target})");
+                }
+            }
+            let family = if v6 { IpFamily::V6 } else { IpFamily::V4 };
+            let seen: Vec<Flow> = e
+                .cluster
+                .node
+                .ns
+                .run(|| Netlink::open().and_then(|mut t| t.udp_flows(family)))
+                .expect("a thread in the node namespace")
+                .unwrap_or_else(|e| panic!("dumping the node's conntrack table: {e}"));
+            let from_client: Vec<&Flow> =
+                seen.iter().filter(|f| [f.orig_src.ip(), f.orig_dst.ip()].contains(&client_ip)).collect();
+            if bypass {
+                assert!(
+                    from_client.is_empty(),
+                    "{} UDP flows of the client in the node's conntrack, e.g. {:?}",
+                    from_client.len(),
+                    from_client.first()
+                );
+            } else {
+                assert!(
+                    !from_client.is_empty(),
+                    "without the bypass conntrack tracks the client's UDP flows"
+                );
+            }
+
+            // Masqueraded connections take the stack's path either way.
+            let pod0 = &e.cluster.pods[0];
+            let own = if v6 { pod0.addr6(PORT) } else { pod0.addr4(PORT) };
+            let replies = sample(&pod0.ns, Proto::Tcp, SocketAddr::new(e.vip(10, v6), 80), SPREAD);
+            assert!(servers(&replies).contains(&own), "pod0 reached itself at least once in {SPREAD}");
+            for r in &replies {
+                let expected = if r.server == own { e.masquerade_source(own) } else { own.ip() };
+                assert_eq!(r.peer.ip(), expected, "hairpin is masqueraded, other endpoints see pod0");
+            }
+            let node_ip = if v6 { IpAddr::V6(e.cluster.node.ip6) } else { IpAddr::V4(e.cluster.node.ip4) };
+            let target = SocketAddr::new(node_ip, if v6 { 30081 } else { 30080 });
+            let replies = sample(&e.cluster.ext.ns, Proto::Tcp, target, SPREAD);
+            for r in &replies {
+                assert_eq!(r.peer.ip(), e.masquerade_source(r.server), "NodePort traffic is masqueraded");
+            }
+        }
+        let bypassed = e.stat(Stat::Bypassed) - bypassed_before;
+        if bypass {
+            // Both families, TCP and UDP, SPREAD requests each: every request's packets (at
+            // least one each way) skipped netfilter.
+            assert!(bypassed >= 2 * 2 * 2 * SPREAD as u64, "packets sent straight on: {bypassed}");
+        } else {
+            assert_eq!(bypassed, 0, "nothing bypasses netfilter without the option");
+        }
+    }
+}
+
 #[test]
 fn processes_of_the_node_reach_a_cluster_ip_through_the_socket_programs() {
     let mut e = env("ebpf_sockets");
@@ -260,7 +354,7 @@ fn a_restarted_backend_adopts_the_pinned_data_path_and_an_established_connection
 /// leaves one attachment, not two; cleanup deletes the filters.
 #[test]
 fn on_the_netlink_hook_a_restart_replaces_the_filters_program_and_cleanup_deletes_the_filters() {
-    let mut e = env_with("ebpf_netlink", TcAttach::Netlink);
+    let mut e = env_with("ebpf_netlink", |o| o.tc_attach = TcAttach::Netlink);
     let node = e.cluster.node.ns.clone();
     // Program names as each listing shows them (TCX: the kernel's, cut to 15 characters).
     let filters =

@@ -77,6 +77,9 @@ pub struct BackendOptions {
     pub ebpf_map_sizes: ebpf::MapSizes,
     /// eBPF: Maglev table size, a prime ≤ 65,537; None: 65,537.
     pub maglev_table_size: Option<u32>,
+    /// eBPF (`--bypass-netfilter`): translated packets of connections without masquerade go
+    /// straight to their next hop, skipping netfilter.
+    pub bypass_netfilter: bool,
     /// IPVS (`--ipvs-scheduler`, `ipvs.scheduler`): the scheduler of every virtual service;
     /// None: rr.
     pub ipvs_scheduler: Option<String>,

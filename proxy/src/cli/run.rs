@@ -67,6 +67,12 @@ pub struct RunArgs {
     /// clsact qdisc, any kernel) or auto (tcx where the kernel has it).
     #[arg(long, value_enum, value_name = "HOOK", default_value = "auto")]
     pub tc_attach: ebpf::TcAttach,
+    /// eBPF: send translated packets of connections that need no masquerade straight to their
+    /// next hop (route lookup and redirect in the TC program), and translate their replies on
+    /// ingress. They skip netfilter: faster, but the node's firewall rules (a CNI's network
+    /// policy in FORWARD, for one) no longer see them. Off by default.
+    #[arg(long)]
+    pub bypass_netfilter: bool,
     /// eBPF: the bpffs ferry pins its maps and links under, mounted when nothing is there
     /// [default: /sys/fs/bpf].
     #[arg(long, value_name = "DIR")]
@@ -254,6 +260,7 @@ pub fn resolve(
         cgroup_path,
         interfaces: args.interfaces.clone(),
         tc_attach: args.tc_attach,
+        bypass_netfilter: args.bypass_netfilter,
         ipvs_scheduler: args.ipvs.scheduler.clone().or_else(|| file.ipvs_scheduler.clone()),
         ipvs_timeouts,
         ipvs_exclude_cidrs,

@@ -117,6 +117,15 @@ pub fn in_netns<T: Send>(netns: Option<&str>, f: impl FnOnce() -> T + Send) -> R
 }
 
 /// ferry's loaded object and its maps.
+/// Settings fixed when the programs are loaded (read-only globals of the object: the verifier
+/// removes the code they switch off).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProgramSettings {
+    /// `--bypass-netfilter`: translated packets of connections without masquerade go straight
+    /// to their next hop, and replies are translated back on ingress (docs/ebpf.md).
+    pub bypass_netfilter: bool,
+}
+
 pub struct Kernel {
     ebpf: Ebpf,
     pins: PathBuf,
@@ -129,8 +138,18 @@ pub struct Kernel {
 
 impl Kernel {
     /// Loads the object, reusing the maps pinned under `<bpffs>/ferry/maps` (a restart keeps
-    /// connections and the service entries), and loads the TC programs.
+    /// connections and the service entries), and loads the TC programs with the default
+    /// [`ProgramSettings`].
     pub fn load(bpffs: &Path, sizes: &MapSizes) -> Result<Self, KernelError> {
+        Self::load_with(bpffs, sizes, &ProgramSettings::default())
+    }
+
+    /// [`Self::load`] with the programs' load-time settings.
+    pub fn load_with(
+        bpffs: &Path,
+        sizes: &MapSizes,
+        settings: &ProgramSettings,
+    ) -> Result<Self, KernelError> {
         ensure_bpffs(bpffs)?;
         let pins = pin_root(bpffs);
         for dir in ["maps", "links"] {
@@ -144,6 +163,8 @@ impl Kernel {
         for (name, size) in sizes.entries() {
             loader.map_max_entries(name, size);
         }
+        let bypass = u8::from(settings.bypass_netfilter);
+        loader.override_global(programs::BYPASS_NETFILTER, &bypass, true);
         let mut ebpf =
             loader.load(crate::ebpf_object::BYTES).map_err(|e| setup("loading the eBPF object", e))?;
         for name in [programs::TC_INGRESS, programs::TC_EGRESS] {

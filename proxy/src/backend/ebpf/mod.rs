@@ -129,6 +129,8 @@ pub struct EbpfOptions {
     pub map_sizes: MapSizes,
     /// Maglev table size, a prime ≤ 65,537.
     pub maglev_table_size: u32,
+    /// `--bypass-netfilter`: translated packets skip netfilter (see [`kernel::ProgramSettings`]).
+    pub bypass_netfilter: bool,
     /// Attach and run `nft` inside this named network namespace (tests, benchmarks);
     /// None: ferry's own.
     pub netns: Option<String>,
@@ -143,6 +145,7 @@ impl Default for EbpfOptions {
             tc_attach: TcAttach::Auto,
             map_sizes: MapSizes::default(),
             maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
+            bypass_netfilter: false,
             netns: None,
         }
     }
@@ -158,6 +161,7 @@ impl From<&super::BackendOptions> for EbpfOptions {
             tc_attach: o.tc_attach,
             map_sizes: o.ebpf_map_sizes.clone(),
             maglev_table_size: o.maglev_table_size.unwrap_or(defaults.maglev_table_size),
+            bypass_netfilter: o.bypass_netfilter,
             netns: o.netns.clone(),
         }
     }
@@ -250,8 +254,10 @@ impl EbpfBackend {
         if self.kernel.is_none() {
             let bpffs = self.options.bpffs.clone();
             let sizes = self.options.map_sizes.clone();
-            let kernel =
-                kernel::in_netns(self.options.netns.as_deref(), move || Kernel::load(&bpffs, &sizes))??;
+            let settings = kernel::ProgramSettings { bypass_netfilter: self.options.bypass_netfilter };
+            let kernel = kernel::in_netns(self.options.netns.as_deref(), move || {
+                Kernel::load_with(&bpffs, &sizes, &settings)
+            })??;
             self.kernel = Some(kernel);
         }
         self.kernel.as_mut().ok_or_else(|| EbpfError::Invalid("kernel not loaded".into()))
