@@ -3,7 +3,7 @@
 //! 1, 1,000 and 10,000 services programmed, for each ferry backend that starts and for a
 //! kube-proxy-shaped ruleset of the same services.
 //!
-//! Run (root): `cargo xtask bench-datapath [--services 1,1000,10000] [--backends nftables,ebpf]
+//! Run (root): `cargo xtask bench-datapath [--services 1,1000,10000] [--backends nftables,ebpf,ebpf-bypass]
 //! [--json FILE] [--svg FILE]`.
 //!
 //! Every data plane gets its own copy of the sandbox's cluster (a node with a client pod and a
@@ -44,14 +44,32 @@ use crate::setup;
 pub enum Backend {
     Nftables,
     Ebpf,
+    /// The eBPF backend with `--bypass-netfilter`.
+    #[value(name = "ebpf-bypass")]
+    #[serde(rename = "ebpf-bypass")]
+    EbpfBypass,
 }
 
 impl Backend {
+    /// The data plane's name in the report.
     fn name(self) -> &'static str {
         match self {
             Self::Nftables => "nftables",
             Self::Ebpf => "ebpf",
+            Self::EbpfBypass => "ebpf --bypass-netfilter",
         }
+    }
+
+    /// `ferry run --backend`'s value.
+    fn ferry_backend(self) -> &'static str {
+        match self {
+            Self::Nftables => "nftables",
+            Self::Ebpf | Self::EbpfBypass => "ebpf",
+        }
+    }
+
+    fn is_ebpf(self) -> bool {
+        self != Self::Nftables
     }
 }
 
@@ -61,7 +79,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
     pub services: Vec<usize>,
     /// ferry backends to measure; one that does not start is reported and skipped.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "nftables,ebpf")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "nftables,ebpf,ebpf-bypass")]
     pub backends: Vec<Backend>,
     /// Connections per latency measurement (each data plane and target).
     #[arg(long, default_value_t = 5000)]
@@ -235,7 +253,7 @@ pub fn run(args: &Args) -> Result<()> {
                     unavailable.push(Unavailable { dataplane: plane.name.clone(), services: n, reason });
                     // A ferry backend that does not start won't start at the next size either;
                     // nftables failing is a bug worth seeing at every size.
-                    plane.disabled = plane.kind == Kind::Ferry(Backend::Ebpf);
+                    plane.disabled = matches!(plane.kind, Kind::Ferry(b) if b.is_ebpf());
                     if let Err(e) = plane.unprogram(&ferry) {
                         // Whatever it left in its node namespace must not meet the next size.
                         println!("  {}: cleaning up after the failure failed too: {e:#}", plane.name);
@@ -304,7 +322,11 @@ impl Plane {
             Kind::Baseline => (NONE.to_owned(), "bench_dp_none"),
             Kind::Ferry(b) => (
                 format!("ferry {}", b.name()),
-                if b == Backend::Ebpf { "bench_dp_ebpf" } else { "bench_dp_nft" },
+                match b {
+                    Backend::Nftables => "bench_dp_nft",
+                    Backend::Ebpf => "bench_dp_ebpf",
+                    Backend::EbpfBypass => "bench_dp_ebpfb",
+                },
             ),
             Kind::KubeProxy => (KUBE_PROXY.to_owned(), "bench_dp_kube_proxy"),
         };
@@ -354,14 +376,18 @@ impl Plane {
                     ferry.display().to_string(),
                     "run".into(),
                     "--backend".into(),
-                    backend.name().into(),
+                    backend.ferry_backend().into(),
                     "--manifests".into(),
                     dir.display().to_string(),
                 ];
                 cmd.extend(self.cluster.node_flags());
                 cmd.extend(["--min-sync-period", "100ms", "--sync-period", "1h"].map(String::from));
-                if backend == Backend::Ebpf {
-                    let cgroup = ebpf_preflight(ferry, dir, &self.cluster)?;
+                if backend == Backend::EbpfBypass {
+                    cmd.push("--bypass-netfilter".into());
+                }
+                if backend.is_ebpf() {
+                    let tag = format!("{backend:?}").to_lowercase();
+                    let cgroup = ebpf_preflight(ferry, dir, &self.cluster, &tag)?;
                     // `ip netns exec` mounts a fresh /sys, hiding the cgroup hierarchy; reach our
                     // cgroup through this process's root instead.
                     let seen = format!("/proc/{}/root{}", std::process::id(), cgroup.0.display());
@@ -412,7 +438,7 @@ impl Plane {
             Kind::Baseline => {}
             Kind::Ferry(backend) => {
                 if let Some(proc) = self.ferry.take() {
-                    stop_and_clean(ferry, &proc, self.node(), backend.name())?;
+                    stop_and_clean(ferry, &proc, self.node(), backend.ferry_backend())?;
                 }
                 self.cgroup = None;
             }
@@ -623,7 +649,8 @@ impl Drop for OwnCgroup {
 /// Whether `ferry run --backend ebpf` can be tried safely, and a cgroup for it. `ferry render`
 /// touches nothing, so it is tried first; `run` is only started when it accepts `--cgroup-path`
 /// (otherwise its socket programs would attach to the root cgroup, i.e. the whole machine).
-fn ebpf_preflight(ferry: &Path, dir: &Path, cluster: &Cluster) -> Result<OwnCgroup> {
+/// `tag` tells the cgroups of several eBPF data planes apart.
+fn ebpf_preflight(ferry: &Path, dir: &Path, cluster: &Cluster, tag: &str) -> Result<OwnCgroup> {
     let render = Command::new(ferry)
         .env("RUST_BACKTRACE", "0")
         .args(["render", "--backend", "ebpf", "--manifests"])
@@ -642,7 +669,7 @@ fn ebpf_preflight(ferry: &Path, dir: &Path, cluster: &Cluster) -> Result<OwnCgro
         );
     }
     let root = cgroup2_mount()?;
-    let dir = root.join(format!("ferry-bench-{}", std::process::id()));
+    let dir = root.join(format!("ferry-bench-{}-{tag}", std::process::id()));
     std::fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
     Ok(OwnCgroup(dir))
 }
@@ -769,6 +796,7 @@ fn color(dataplane: &str) -> &'static str {
     match dataplane {
         "ferry nftables" => crate::bench_kernel::FERRY_NFT,
         "ferry ebpf" => "#2ca02c",
+        "ferry ebpf --bypass-netfilter" => "#9467bd",
         KUBE_PROXY => crate::bench_kernel::KUBE_PROXY,
         _ => "#7f7f7f",
     }
