@@ -732,7 +732,7 @@ fn assert_backend_state_gone(fx: &Fixture) {
     assert!(!tables.contains("ferry"), "nftables tables left: {tables}");
     match fx.backend {
         Backend::Nftables => {}
-        Backend::Ebpf => {
+        Backend::Ebpf | Backend::EbpfBypass => {
             let bpffs = fx.env().bpffs().expect("eBPF has a bpffs");
             let pins = bpffs.join("ferry");
             assert!(!pins.exists(), "pins left under {}", pins.display());
@@ -832,7 +832,7 @@ fn status_shows_the_service_ports_and_what_the_backend_programmed(backend: Backe
     }
     let programmed = text.split_once("\nPROGRAMMED").map(|(_, p)| p);
     match backend {
-        Backend::Ebpf => {
+        Backend::Ebpf | Backend::EbpfBypass => {
             let programmed = programmed.unwrap_or_else(|| panic!("no PROGRAMMED section:\n{text}"));
             let hooks = programmed.lines().find(|l| l.starts_with("# TC programs ("));
             assert!(
@@ -853,8 +853,9 @@ fn status_shows_the_service_ports_and_what_the_backend_programmed(backend: Backe
     }
 }
 
-/// Instantiates every test once per data plane: `nftables::<test>`, `ebpf::<test>` and
-/// `ipvs::<test>` (ignored: the VM harness runs them).
+/// Instantiates every test once per data plane: `nftables::<test>`, `ebpf::<test>`,
+/// `ebpf_bypass::<test>` (eBPF with `--bypass-netfilter`) and `ipvs::<test>` (ignored: the VM
+/// harness runs them).
 /// Generates one test per backend for each case. Cases after `except_ipvs:` are not generated
 /// for IPVS, each for a reason documented in docs/ipvs.md ("Not supported"):
 /// - the direct connection after a service connection from the same source port: IPVS keeps the
@@ -870,6 +871,10 @@ macro_rules! suite {
         mod ebpf {
             $( #[test] fn $test() { super::$test(super::Backend::Ebpf) } )*
             $( #[test] fn $no_ipvs() { super::$no_ipvs(super::Backend::Ebpf) } )*
+        }
+        mod ebpf_bypass {
+            $( #[test] fn $test() { super::$test(super::Backend::EbpfBypass) } )*
+            $( #[test] fn $no_ipvs() { super::$no_ipvs(super::Backend::EbpfBypass) } )*
         }
         mod ipvs {
             $(

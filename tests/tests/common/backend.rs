@@ -26,6 +26,8 @@ pub use tc::tc_programs;
 pub enum Backend {
     Nftables,
     Ebpf,
+    /// The eBPF backend with `--bypass-netfilter`.
+    EbpfBypass,
     /// Needs a kernel with IPVS (not this machine's): run inside the VM harness.
     Ipvs,
 }
@@ -35,7 +37,7 @@ impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Backend::Nftables => "nftables",
-            Backend::Ebpf => "ebpf",
+            Backend::Ebpf | Backend::EbpfBypass => "ebpf",
             Backend::Ipvs => "ipvs",
         }
     }
@@ -50,6 +52,8 @@ pub enum BackendEnv {
         bpffs: Bpffs,
         /// Dropped after the bpffs: its socket-program links are pinned there.
         cgroup: TestCgroup,
+        /// `--bypass-netfilter`.
+        bypass_netfilter: bool,
     },
 }
 
@@ -57,9 +61,11 @@ impl BackendEnv {
     pub fn create(backend: Backend, prefix: &str) -> Self {
         match backend {
             Backend::Nftables | Backend::Ipvs => BackendEnv::Plain,
-            Backend::Ebpf => {
-                BackendEnv::Ebpf { bpffs: Bpffs::mount(prefix), cgroup: TestCgroup::create(prefix) }
-            }
+            Backend::Ebpf | Backend::EbpfBypass => BackendEnv::Ebpf {
+                bpffs: Bpffs::mount(prefix),
+                cgroup: TestCgroup::create(prefix),
+                bypass_netfilter: backend == Backend::EbpfBypass,
+            },
         }
     }
 
@@ -67,12 +73,18 @@ impl BackendEnv {
     pub fn run_flags(&self) -> Vec<String> {
         match self {
             BackendEnv::Plain => Vec::new(),
-            BackendEnv::Ebpf { bpffs, cgroup } => vec![
-                "--bpffs".into(),
-                bpffs.path().display().to_string(),
-                "--cgroup-path".into(),
-                cgroup.seen_by_ferry().display().to_string(),
-            ],
+            BackendEnv::Ebpf { bpffs, cgroup, bypass_netfilter } => {
+                let mut flags = vec![
+                    "--bpffs".into(),
+                    bpffs.path().display().to_string(),
+                    "--cgroup-path".into(),
+                    cgroup.seen_by_ferry().display().to_string(),
+                ];
+                if *bypass_netfilter {
+                    flags.push("--bypass-netfilter".into());
+                }
+                flags
+            }
         }
     }
 

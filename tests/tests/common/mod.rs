@@ -387,7 +387,9 @@ impl Fixture {
                 out.sort();
                 out
             }
-            Backend::Ebpf => ebpf_programmed(self.env.bpffs().expect("eBPF has a bpffs")),
+            Backend::Ebpf | Backend::EbpfBypass => {
+                ebpf_programmed(self.env.bpffs().expect("eBPF has a bpffs"))
+            }
             Backend::Ipvs => {
                 let listing = self
                     .cluster
@@ -413,7 +415,7 @@ impl Fixture {
                     |e| panic!("deleting {element} from ferry's {family} frontends map: {e}"),
                 );
             }
-            Backend::Ebpf => {
+            Backend::Ebpf | Backend::EbpfBypass => {
                 ebpf_delete_frontend(self.env.bpffs().expect("eBPF has a bpffs"), ip, port, proto)
             }
             Backend::Ipvs => {
