@@ -3,8 +3,10 @@
 //! 1, 1,000 and 10,000 services programmed, for each ferry backend that starts and for a
 //! kube-proxy-shaped ruleset of the same services.
 //!
-//! Run (root): `cargo xtask bench-datapath [--services 1,1000,10000] [--backends nftables,ebpf,ebpf-bypass]
-//! [--json FILE] [--svg FILE]`.
+//! Run (root): `cargo xtask bench-datapath [--services 1,1000,10000]
+//! [--backends nftables,ebpf,ebpf-bypass] [--no-offload] [--json FILE] [--svg FILE]`.
+//! `--no-offload` measures throughput with MTU-sized packets (TSO/GSO off on the client pod):
+//! bound by the cost per packet, where the data planes differ, rather than by copying data.
 //!
 //! Every data plane gets its own copy of the sandbox's cluster (a node with a client pod and a
 //! server pod): "no ruleset" (the baseline), ferry with each backend, and the kube-proxy shape.
@@ -93,6 +95,12 @@ pub struct Args {
     /// iperf3 runs per data plane and target; the median is reported.
     #[arg(long, default_value_t = 3)]
     pub iperf_rounds: usize,
+    /// Turn TSO and GSO off on the client pod's interface, so that every data plane forwards
+    /// MTU-sized packets (throughput bound by the cost per packet) instead of ~64 KiB
+    /// superpackets (bound by copying data, where a few hundred nanoseconds per superpacket
+    /// vanish).
+    #[arg(long)]
+    pub no_offload: bool,
     /// Endpoints of each filler service.
     #[arg(long, default_value_t = 10)]
     pub endpoints: usize,
@@ -131,6 +139,8 @@ struct Report {
     connects: usize,
     iperf_seconds: u32,
     iperf_rounds: usize,
+    /// TSO and GSO off on the client pod's interface (`--no-offload`).
+    no_offload: bool,
     measurements: Vec<Measurement>,
     /// Data planes that could not be measured, and why.
     unavailable: Vec<Unavailable>,
@@ -211,7 +221,7 @@ pub fn run(args: &Args) -> Result<()> {
     kinds.push(Kind::KubeProxy);
     let mut planes = Vec::new();
     for kind in kinds {
-        planes.push(Plane::build(kind, args.iperf_seconds > 0)?);
+        planes.push(Plane::build(kind, args.iperf_seconds > 0, args.no_offload)?);
     }
     println!(
         "\n{} copies of the cluster: client pod 10.0.1.2 → server pod 10.0.1.10, ClusterIP 10.96.0.10",
@@ -282,6 +292,7 @@ pub fn run(args: &Args) -> Result<()> {
         connects: args.connects,
         iperf_seconds: args.iperf_seconds,
         iperf_rounds: args.iperf_rounds,
+        no_offload: args.no_offload,
         measurements,
         unavailable,
         loadavg_at_end: crate::bench::loadavg(),
@@ -317,7 +328,7 @@ fn service_set(n: usize, endpoints: usize) -> Result<Vec<Service>> {
 const SERVER_POD: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
 
 impl Plane {
-    fn build(kind: Kind, iperf: bool) -> Result<Self> {
+    fn build(kind: Kind, iperf: bool, no_offload: bool) -> Result<Self> {
         let (name, hint) = match kind {
             Kind::Baseline => (NONE.to_owned(), "bench_dp_none"),
             Kind::Ferry(b) => (
@@ -337,6 +348,9 @@ impl Plane {
         )?;
         let pod = cluster.pods.first().context("the cluster has no pod")?;
         ensure!(pod.ip4 == SERVER_POD, "the server pod is {}, expected {SERVER_POD}", pod.ip4);
+        if no_offload {
+            cluster.client.ns.exec(&["ethtool", "-K", "eth0", "tso", "off", "gso", "off"])?;
+        }
         let iperf = if iperf {
             let mut args = vec!["iperf3", "-s", "-p", "5201", "--forceflush"];
             args.extend(IPERF_SERVER_CPU);
@@ -726,8 +740,11 @@ fn sizes(report: &Report) -> Vec<usize> {
 
 fn print_report(report: &Report) {
     println!(
-        "\ndata path: {} connects per row, iperf3 median of {} × {} s",
-        report.connects, report.iperf_rounds, report.iperf_seconds
+        "\ndata path: {} connects per row, iperf3 median of {} × {} s{}",
+        report.connects,
+        report.iperf_rounds,
+        report.iperf_seconds,
+        if report.no_offload { ", TSO/GSO off on the client pod" } else { "" }
     );
     let headers = [
         "services",
