@@ -224,13 +224,16 @@ fn forward_translated(ctx: &TcContext, s: &mut Scratch) -> i32 {
     send_to_next_hop(ctx, &s.pkt, &s.fib)
 }
 
+/// [`reply_straight_to_client`]: the packet is no reply of a translated connection.
+const NOT_A_REPLY: i32 = -1;
+
 /// A reply from an endpoint, seen on ingress: translated back to its frontend (as the egress
 /// program would after netfilter) and sent to the client's next hop. When the route needs the
 /// stack, the packet is left untouched and follows today's path (netfilter, then the egress
-/// program's reverse translation).
+/// program's reverse translation). [`NOT_A_REPLY`] when `REVNAT` has no entry for it.
 #[inline(never)]
 fn reply_straight_to_client(ctx: &TcContext, s: &mut Scratch) -> i32 {
-    let Some(original) = REVNAT.get_ptr(&s.pkt.flow) else { return TC_ACT_OK as i32 };
+    let Some(original) = REVNAT.get_ptr(&s.pkt.flow) else { return NOT_A_REPLY };
     // SAFETY: a map value, valid during this run; copied out at once.
     copy_revnat(&mut s.original, unsafe { &*original });
     let flow = &s.pkt.flow;
@@ -282,39 +285,59 @@ fn next_hop_known(ctx: &TcContext, pkt: &Packet, fib: &mut bpf_fib_lookup) -> bo
     // SAFETY: the argument types the helper takes; `fib` is per-CPU scratch memory.
     let found =
         unsafe { fib_lookup(ctx.skb.skb.cast(), fib, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
-    found == i64::from(BPF_FIB_LKUP_RET_SUCCESS) && hop_limit_allows_forwarding(ctx, pkt)
+    found == i64::from(BPF_FIB_LKUP_RET_SUCCESS)
+        && forward_header(ctx).is_some_and(|h| hop_limit(&h, pkt) > 1)
 }
 
-/// Whether the packet may be forwarded (TTL / hop limit above 1); otherwise the stack sends
-/// the ICMP error.
+/// Bytes of the headers [`send_to_next_hop`] rewrites: Ethernet and the first 12 of IP (TTL
+/// and IPv4 header checksum, or IPv6's hop limit).
+const FORWARD_HEADER: usize = ETH_HDR_LEN + 12;
+
+/// The first [`FORWARD_HEADER`] bytes of the packet as 16-bit words (as read: network order),
+/// read in place. The IP header is always at [`ETH_HDR_LEN`] (no VLAN tags are parsed).
 #[inline(always)]
-fn hop_limit_allows_forwarding(ctx: &TcContext, pkt: &Packet) -> bool {
-    let offset = if pkt.ipv6 { pkt.l3 + 7 } else { pkt.l3 + 8 };
-    matches!(load::<u8>(ctx, offset), Ok(hops) if hops > 1)
+fn forward_header(ctx: &TcContext) -> Option<[u16; FORWARD_HEADER / 2]> {
+    let data = ctx.data();
+    if data + FORWARD_HEADER > ctx.data_end() {
+        return None;
+    }
+    let p = data as *const u16;
+    let mut h = [0u16; FORWARD_HEADER / 2];
+    for (i, w) in h.iter_mut().enumerate() {
+        // SAFETY: inside [data, data_end), checked above (see `parse_direct` on alignment).
+        *w = unsafe { *p.add(i) };
+    }
+    Some(h)
+}
+
+/// The TTL (IPv4 byte 8) or hop limit (IPv6 byte 7) in `h` ([`forward_header`]).
+#[inline(always)]
+fn hop_limit(h: &[u16; FORWARD_HEADER / 2], pkt: &Packet) -> u8 {
+    let [first, second] = h[if pkt.ipv6 { 10 } else { 11 }].to_ne_bytes();
+    if pkt.ipv6 { second } else { first }
 }
 
 /// Does what forwarding would: one less TTL / hop limit (and the IPv4 header checksum), the
-/// next hop's and the interface's link-layer addresses; then redirects to that interface.
+/// next hop's and the interface's link-layer addresses, written in one store; then redirects to
+/// that interface. The caller checked the hop limit is above 1.
 #[inline(always)]
 fn send_to_next_hop(ctx: &TcContext, pkt: &Packet, fib: &bpf_fib_lookup) -> i32 {
+    let Some(mut h) = forward_header(ctx) else { return TC_ACT_OK as i32 };
     if pkt.ipv6 {
-        let Ok(hops) = load::<u8>(ctx, pkt.l3 + 7) else { return TC_ACT_OK as i32 };
-        if ctx.store(pkt.l3 + 7, &(hops - 1), 0).is_err() {
-            return TC_ACT_OK as i32;
-        }
+        // Bytes 20 and 21 (IPv6 6 and 7): next header, hop limit.
+        h[10] = h[10].wrapping_sub(0x0100);
     } else {
-        // TTL and protocol, then the checksum: one 16-bit word of the header drops by 0x0100.
-        let Ok([ttl_proto, check]) = load::<[u16; 2]>(ctx, pkt.l3 + 8) else { return TC_ACT_OK as i32 };
-        let old = u16::from_be(ttl_proto);
-        let new = old.wrapping_sub(0x0100);
-        let check = csum_replace2(check, old.to_be(), new.to_be());
-        if ctx.store(pkt.l3 + 8, &[new.to_be(), check], 0).is_err() {
-            return TC_ACT_OK as i32;
-        }
+        // Bytes 22 and 23 (IPv4 8 and 9): TTL, protocol; then the header checksum. Ones'
+        // complement sums are the same in either byte order, so the words stay as read.
+        let old = h[11];
+        h[11] = old.wrapping_sub(1);
+        h[12] = csum_replace2(h[12], old, h[11]);
     }
     let (d, m) = (&fib.dmac, &fib.smac);
-    let macs = [d[0], d[1], d[2], d[3], d[4], d[5], m[0], m[1], m[2], m[3], m[4], m[5]];
-    if ctx.store(0, &macs, 0).is_err() {
+    let w = |b: &[u8; 6], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+    (h[0], h[1], h[2]) = (w(d, 0), w(d, 2), w(d, 4));
+    (h[3], h[4], h[5]) = (w(m, 0), w(m, 2), w(m, 4));
+    if ctx.store(0, &h, 0).is_err() {
         return TC_ACT_OK as i32;
     }
     count(Stat::Bypassed);
@@ -415,8 +438,11 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ParseError> {
         }
         _ => return Err(ParseError),
     }
-    if bypass_netfilter() && REVNAT.get_ptr(&s.pkt.flow).is_some() {
-        return Ok(reply_straight_to_client(ctx, s));
+    if bypass_netfilter() {
+        let action = reply_straight_to_client(ctx, s);
+        if action != NOT_A_REPLY {
+            return Ok(action);
+        }
     }
     let syn = s.pkt.is_tcp_syn();
     if !may_be_frontend(&s.pkt.flow) {
