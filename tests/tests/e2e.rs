@@ -848,9 +848,51 @@ fn status_shows_the_service_ports_and_what_the_backend_programmed(backend: Backe
                     assert!(programmed.contains(&format!(" {ep}\n")), "endpoint {ep} in:\n{programmed}");
                 }
             }
+            // The programs' counters and the maps' occupancy reach Prometheus (read after each
+            // sync: one every SYNC_PERIOD at most).
+            request(&fx.cluster.client.ns, Proto::Tcp, fx.cluster_addr(10, Family::V4, 80));
+            let mut wanted = vec!["ferry_bpf_packets_total{counter=\"service_hit\"}"];
+            if backend == Backend::EbpfBypass {
+                wanted.push("ferry_bpf_packets_total{counter=\"bypassed\"}");
+            }
+            let deadline = Instant::now() + 3 * SYNC_PERIOD;
+            let text = loop {
+                let text = scrape_metrics(&fx.cluster.node.ns);
+                let value = |series: &str| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+                        .unwrap_or(0.0)
+                };
+                if wanted.iter().all(|s| value(s) > 0.0) || Instant::now() > deadline {
+                    break text;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            for series in wanted.iter().chain(&["ferry_bpf_map_max_entries{map=\"SERVICES\"} 65536"]) {
+                assert!(
+                    text.lines().any(|l| l.starts_with(series) && !l.ends_with(" 0")),
+                    "{series} in:\n{text}"
+                );
+            }
         }
         Backend::Nftables | Backend::Ipvs => assert!(programmed.is_none(), "{text}"),
     }
+}
+
+/// `/metrics` of the ferry in `node` (the default `--metrics-bind-address`, 127.0.0.1:10249).
+fn scrape_metrics(node: &Netns) -> String {
+    use std::io::{Read as _, Write as _};
+    node.run(|| -> std::io::Result<String> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 10249));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw)?;
+        Ok(raw)
+    })
+    .unwrap_or_else(|e| panic!("entering {node}: {e}"))
+    .unwrap_or_else(|e| panic!("GET /metrics in {node}: {e}"))
 }
 
 /// Instantiates every test once per data plane: `nftables::<test>`, `ebpf::<test>`,

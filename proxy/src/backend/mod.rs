@@ -17,6 +17,16 @@ pub enum BackendKind {
     Ipvs,
 }
 
+/// What a data plane of its own counts (the eBPF programs' counters) and how full its maps
+/// are, for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataPathStats {
+    /// (counter name, value summed over CPUs), since the counters were created.
+    pub counters: Vec<(&'static str, u64)>,
+    /// (map name, entries, capacity), as counted at the last full sync.
+    pub maps: Vec<(&'static str, usize, u32)>,
+}
+
 /// How much a sync did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SyncReport {
@@ -136,6 +146,12 @@ pub trait Backend: Send {
     /// What this backend has programmed, read back from the kernel, as text for people
     /// (`ferry status`); None when it has no such view or has programmed nothing yet.
     fn programmed(&self) -> Option<String> {
+        None
+    }
+
+    /// The data path's own counters and map occupancy (eBPF); None for data planes that have
+    /// none or before anything is loaded.
+    fn data_path_stats(&mut self) -> Option<DataPathStats> {
         None
     }
 

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::metrics::counter::Counter;
@@ -13,6 +14,7 @@ use prometheus_client::registry::Registry;
 
 use super::plan_stats::PlanStats;
 use super::schedule::SyncKind;
+use crate::backend::DataPathStats;
 use crate::model::ProblemReason;
 use crate::plan::Plan;
 
@@ -38,6 +40,11 @@ pub struct SyncMetrics {
     service_ports: Gauge,
     health_check_servers: Gauge,
     config_reloads: Family<Label, Counter>,
+    bpf_packets: Family<Label, Counter>,
+    bpf_map_entries: Family<Label, Gauge>,
+    bpf_map_max_entries: Family<Label, Gauge>,
+    /// The eBPF counters' values at the last report, to count what they added since.
+    bpf_last: Arc<Mutex<BTreeMap<&'static str, u64>>>,
 }
 
 /// kube-proxy's buckets for rule sync durations: 1ms to ~16s.
@@ -82,6 +89,10 @@ impl SyncMetrics {
             service_ports: Gauge::default(),
             health_check_servers: Gauge::default(),
             config_reloads: Family::default(),
+            bpf_packets: Family::default(),
+            bpf_map_entries: Family::default(),
+            bpf_map_max_entries: Family::default(),
+            bpf_last: Arc::default(),
         };
         r.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
@@ -167,6 +178,17 @@ impl SyncMetrics {
             "Configuration reloads (SIGHUP or a changed --config file), by result",
             m.config_reloads.clone(),
         );
+        r.register(
+            "ferry_bpf_packets",
+            "Packets the eBPF programs handled, by what happened to them (the names of `ferry status`)",
+            m.bpf_packets.clone(),
+        );
+        r.register(
+            "ferry_bpf_map_entries",
+            "Entries of each eBPF map, counted at the last full sync",
+            m.bpf_map_entries.clone(),
+        );
+        r.register("ferry_bpf_map_max_entries", "Capacity of each eBPF map", m.bpf_map_max_entries.clone());
         for policy in ["internal", "external"] {
             m.no_local_endpoints.get_or_create(&[("traffic_policy", policy)]).set(0);
         }
@@ -238,6 +260,22 @@ impl SyncMetrics {
         self.conntrack_cleanup.observe(took.as_secs_f64());
     }
 
+    /// Follows the eBPF programs' counters (packets by what happened to them) and the maps'
+    /// occupancy, after each sync.
+    pub fn data_path(&self, stats: &DataPathStats) {
+        let mut last = self.bpf_last.lock().unwrap_or_else(PoisonError::into_inner);
+        for &(name, value) in &stats.counters {
+            let before = last.insert(name, value).unwrap_or(0);
+            // Smaller than before: the counters were created anew (`ferry cleanup`).
+            let added = if value >= before { value - before } else { value };
+            self.bpf_packets.get_or_create(&[("counter", name)]).inc_by(added);
+        }
+        for &(map, entries, max) in &stats.maps {
+            self.bpf_map_entries.get_or_create(&[("map", map)]).set(as_i64(entries));
+            self.bpf_map_max_entries.get_or_create(&[("map", map)]).set(i64::from(max));
+        }
+    }
+
     pub fn reload(&self, ok: bool) {
         self.config_reloads.get_or_create(&[("result", if ok { "ok" } else { "error" })]).inc();
     }
@@ -281,5 +319,25 @@ mod tests {
         assert_eq!(get("ferry_sync_failures_total"), 1.0);
         assert_eq!(get("ferry_skipped_objects_total{reason=\"invalid_ip\"}"), 3.0);
         assert!(text.contains("# TYPE kubeproxy_sync_proxy_rules_no_local_endpoints_total gauge"), "{text}");
+    }
+
+    #[test]
+    fn the_ebpf_counters_become_counters_that_survive_a_reset_of_the_kernels() {
+        let mut r = Registry::default();
+        let m = SyncMetrics::register(&mut r);
+        let report = |established, maps| DataPathStats {
+            counters: vec![("established", established), ("bypassed", 0)],
+            maps,
+        };
+        m.data_path(&report(10, vec![("CONNTRACK", 3, 262_144)]));
+        m.data_path(&report(25, vec![]));
+        // The kernel's counters started again from zero (the maps were created anew).
+        m.data_path(&report(4, vec![]));
+        let (text, _) = encode(&r, false);
+        let get = |name: &str| sample(&text, name).unwrap_or_else(|| panic!("{name} missing from:\n{text}"));
+        assert_eq!(get("ferry_bpf_packets_total{counter=\"established\"}"), 29.0);
+        assert_eq!(get("ferry_bpf_packets_total{counter=\"bypassed\"}"), 0.0);
+        assert_eq!(get("ferry_bpf_map_entries{map=\"CONNTRACK\"}"), 3.0);
+        assert_eq!(get("ferry_bpf_map_max_entries{map=\"CONNTRACK\"}"), 262_144.0);
     }
 }

@@ -127,10 +127,9 @@ pub async fn run_with_backend(
     let mut registry = Registry::default();
     let sync_metrics = SyncMetrics::register(&mut registry);
     let health_metrics = HealthMetrics::register(&mut registry);
-    // Registration point for the components still to come: UDP conntrack cleanup
-    // (kubeproxy_conntrack_reconciler_* durations) and the eBPF backend's map pressure
-    // (ferry_bpf_map_*) register into `registry` here, e.g. `conntrack::Metrics::register(&mut
-    // registry)`, and keep their handle.
+    // Components with metrics of their own register into `registry` here and keep their
+    // handle (the eBPF data path's counters and map occupancy are the sync loop's: it reads
+    // them from the backend after each sync).
     let registry = Arc::new(registry);
 
     let health = Arc::new(ProxyHealth::new(settings.health_timeout(), std::time::Instant::now()));
@@ -408,6 +407,9 @@ impl Daemon {
                 let servers = wanted.len();
                 self.health_servers.sync(wanted);
                 self.metrics.plan(self.store.service_count(), plan, &self.plan_stats, servers);
+                if let Some(stats) = tokio::task::block_in_place(|| self.backend.data_path_stats()) {
+                    self.metrics.data_path(&stats);
+                }
                 self.history.push(record(started_wall, full, took, report.operations, diff.len(), None));
                 if !self.stale_udp.is_empty() {
                     match tokio::task::block_in_place(|| crate::conntrack::cleanup(&self.stale_udp)) {

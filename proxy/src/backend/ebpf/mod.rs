@@ -23,7 +23,7 @@ use proxy_common::{Stat, mark};
 use tracing::{debug, info, warn};
 
 use super::nftables::{NftCommand, NftRunner};
-use super::{Backend, BackendError, SyncReport};
+use super::{Backend, BackendError, DataPathStats, SyncReport};
 use crate::plan::{NodeConfig, Plan, PlanDiff};
 use kernel::{Kernel, KernelError};
 use maps::{DataPathMaps, FakeMaps};
@@ -218,6 +218,9 @@ pub struct EbpfBackend {
     attached: BTreeSet<String>,
     cgroup_attached: bool,
     in_sync: bool,
+    /// Map occupancy counted at the last full sync (counting walks every key: too slow for
+    /// each sync), for metrics.
+    occupancy: Vec<(&'static str, usize, u32)>,
 }
 
 impl EbpfBackend {
@@ -243,6 +246,7 @@ impl EbpfBackend {
             attached: BTreeSet::new(),
             cgroup_attached: false,
             in_sync: false,
+            occupancy: Vec::new(),
         })
     }
 
@@ -350,7 +354,8 @@ impl EbpfBackend {
             debug!(bits, size, "eBPF frontend filter");
         }
         let Some(kernel) = self.kernel.as_mut() else { return };
-        for (name, used, max) in kernel.maps().occupancy() {
+        self.occupancy = kernel.maps().occupancy();
+        for &(name, used, max) in &self.occupancy {
             let ratio = used as f64 / f64::from(max.max(1));
             if ratio > 0.9 {
                 warn!(map = name, used, max, "eBPF map almost full");
@@ -482,6 +487,14 @@ impl Backend for EbpfBackend {
         );
         out.push_str(&text.unwrap_or_else(|e| format!("# reading the pinned maps failed: {e}\n")));
         Some(out)
+    }
+
+    fn data_path_stats(&mut self) -> Option<DataPathStats> {
+        let counters = self.kernel.as_mut()?.maps().stats();
+        Some(DataPathStats {
+            counters: Stat::ALL.iter().map(|s| s.name()).zip(counters).collect(),
+            maps: self.occupancy.clone(),
+        })
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {
