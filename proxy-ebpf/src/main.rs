@@ -8,6 +8,9 @@
 //! - [`ferry_tc_egress`] (TC egress of the same interfaces): replies get their source
 //!   translated back to the frontend ([`REVNAT`]), after netfilter undid any masquerade.
 //! - cgroup sock_addr programs: processes of the node connect/send directly to an endpoint.
+//! - With `--bypass-netfilter` ([`BYPASS_NETFILTER`]), the ingress program also forwards:
+//!   translated packets without masquerade go straight to their next hop, and replies are
+//!   translated back on ingress and sent the same way.
 //!
 //! Masquerade is a mark for a small nftables rule (see docs/ebpf.md). Map layouts, names and
 //! counter indices live in `proxy-common`. Programs only read the maps userspace writes and
