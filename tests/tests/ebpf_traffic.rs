@@ -185,21 +185,8 @@ fn pods_and_outside_clients_reach_services_over_tcp_and_udp_on_both_families() {
     }
 
     for v6 in [false, true] {
-        let eps: BTreeSet<SocketAddr> = e.endpoints(v6).into_iter().collect();
         let client = &e.cluster.client;
-        let client_ip = if v6 { IpAddr::V6(client.ip6) } else { IpAddr::V4(client.ip4) };
-        for (proto, port) in [(Proto::Tcp, 80), (Proto::Udp, 53)] {
-            let target = SocketAddr::new(e.vip(10, v6), port);
-            let replies = sample(&client.ns, proto, target, SPREAD);
-            assert_eq!(
-                servers(&replies),
-                eps,
-                "{proto} from the client pod to {target} reaches every endpoint"
-            );
-            for r in &replies {
-                assert_eq!(r.peer.ip(), client_ip, "pod traffic keeps its source ({proto} {target})");
-            }
-        }
+        the_client_pod_reaches_every_endpoint_keeping_its_source(&e, v6);
 
         // From outside to the NodePort: masqueraded (policy Cluster), Maglev spreads flows.
         let node_ip = if v6 { IpAddr::V6(e.cluster.node.ip6) } else { IpAddr::V4(e.cluster.node.ip4) };
@@ -220,15 +207,36 @@ fn pods_and_outside_clients_reach_services_over_tcp_and_udp_on_both_families() {
         assert!(err.is_refused(), "REJECT is a TCP RST: {err}");
 
         // A pod reaching itself through the service sees a masqueraded source.
-        let pod0 = &e.cluster.pods[0];
-        let own = if v6 { pod0.addr6(PORT) } else { pod0.addr4(PORT) };
-        let target = SocketAddr::new(e.vip(10, v6), 80);
-        let replies = sample(&pod0.ns, Proto::Tcp, target, SPREAD);
-        assert!(servers(&replies).contains(&own), "pod0 reached itself at least once in {SPREAD}");
+        a_pod_reaching_itself_is_masqueraded(&e, v6);
+    }
+}
+
+/// The client pod reaches every endpoint of `web` (TCP 80) and `dns` (UDP 53) on VIP 10 of
+/// the family, and the endpoints see its own address.
+fn the_client_pod_reaches_every_endpoint_keeping_its_source(e: &Env, v6: bool) {
+    let eps: BTreeSet<SocketAddr> = e.endpoints(v6).into_iter().collect();
+    let client = &e.cluster.client;
+    let client_ip = if v6 { IpAddr::V6(client.ip6) } else { IpAddr::V4(client.ip4) };
+    for (proto, port) in [(Proto::Tcp, 80), (Proto::Udp, 53)] {
+        let target = SocketAddr::new(e.vip(10, v6), port);
+        let replies = sample(&client.ns, proto, target, SPREAD);
+        assert_eq!(servers(&replies), eps, "{proto} from the client pod to {target} reaches every endpoint");
         for r in &replies {
-            let expected = if r.server == own { e.masquerade_source(own) } else { own.ip() };
-            assert_eq!(r.peer.ip(), expected, "hairpin is masqueraded, other endpoints see pod0");
+            assert_eq!(r.peer.ip(), client_ip, "pod traffic keeps its source ({proto} {target})");
         }
+    }
+}
+
+/// pod0 reaches itself through VIP 10's port 80 at least once in [`SPREAD`] requests and then
+/// sees a masqueraded source (hairpin); the other endpoints see pod0.
+fn a_pod_reaching_itself_is_masqueraded(e: &Env, v6: bool) {
+    let pod0 = &e.cluster.pods[0];
+    let own = if v6 { pod0.addr6(PORT) } else { pod0.addr4(PORT) };
+    let replies = sample(&pod0.ns, Proto::Tcp, SocketAddr::new(e.vip(10, v6), 80), SPREAD);
+    assert!(servers(&replies).contains(&own), "pod0 reached itself at least once in {SPREAD}");
+    for r in &replies {
+        let expected = if r.server == own { e.masquerade_source(own) } else { own.ip() };
+        assert_eq!(r.peer.ip(), expected, "hairpin is masqueraded, other endpoints see pod0");
     }
 }
 
@@ -252,21 +260,9 @@ fn with_netfilter_bypassed_pods_reach_services_and_the_node_conntrack_sees_none_
         e.sync(&plan_of(&ports));
         let bypassed_before = e.stat(Stat::Bypassed);
         for v6 in [false, true] {
-            let eps: BTreeSet<SocketAddr> = e.endpoints(v6).into_iter().collect();
-            let client = &e.cluster.client;
-            let client_ip = if v6 { IpAddr::V6(client.ip6) } else { IpAddr::V4(client.ip4) };
-            for (proto, port) in [(Proto::Tcp, 80), (Proto::Udp, 53)] {
-                let target = SocketAddr::new(e.vip(10, v6), port);
-                let replies = sample(&client.ns, proto, target, SPREAD);
-                assert_eq!(
-                    servers(&replies),
-                    eps,
-                    "{proto} from the client pod to {target} (bypass {bypass})"
-                );
-                for r in &replies {
-                    assert_eq!(r.peer.ip(), client_ip, "the endpoint sees the client ({proto} {target})");
-                }
-            }
+            the_client_pod_reaches_every_endpoint_keeping_its_source(&e, v6);
+            let client_ip =
+                if v6 { IpAddr::V6(e.cluster.client.ip6) } else { IpAddr::V4(e.cluster.client.ip4) };
             let family = if v6 { IpFamily::V6 } else { IpFamily::V4 };
             let seen: Vec<Flow> = e
                 .cluster
@@ -292,14 +288,7 @@ fn with_netfilter_bypassed_pods_reach_services_and_the_node_conntrack_sees_none_
             }
 
             // Masqueraded connections take the stack's path either way.
-            let pod0 = &e.cluster.pods[0];
-            let own = if v6 { pod0.addr6(PORT) } else { pod0.addr4(PORT) };
-            let replies = sample(&pod0.ns, Proto::Tcp, SocketAddr::new(e.vip(10, v6), 80), SPREAD);
-            assert!(servers(&replies).contains(&own), "pod0 reached itself at least once in {SPREAD}");
-            for r in &replies {
-                let expected = if r.server == own { e.masquerade_source(own) } else { own.ip() };
-                assert_eq!(r.peer.ip(), expected, "hairpin is masqueraded, other endpoints see pod0");
-            }
+            a_pod_reaching_itself_is_masqueraded(&e, v6);
             let node_ip = if v6 { IpAddr::V6(e.cluster.node.ip6) } else { IpAddr::V4(e.cluster.node.ip4) };
             let target = SocketAddr::new(node_ip, if v6 { 30081 } else { 30080 });
             let replies = sample(&e.cluster.ext.ns, Proto::Tcp, target, SPREAD);
