@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::metrics::counter::Counter;
@@ -44,7 +43,7 @@ pub struct SyncMetrics {
     bpf_map_entries: Family<Label, Gauge>,
     bpf_map_max_entries: Family<Label, Gauge>,
     /// The eBPF counters' values at the last report, to count what they added since.
-    bpf_last: Arc<Mutex<BTreeMap<&'static str, u64>>>,
+    bpf_last: BTreeMap<&'static str, u64>,
 }
 
 /// kube-proxy's buckets for rule sync durations: 1ms to ~16s.
@@ -92,7 +91,7 @@ impl SyncMetrics {
             bpf_packets: Family::default(),
             bpf_map_entries: Family::default(),
             bpf_map_max_entries: Family::default(),
-            bpf_last: Arc::default(),
+            bpf_last: BTreeMap::new(),
         };
         r.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
@@ -262,10 +261,9 @@ impl SyncMetrics {
 
     /// Follows the eBPF programs' counters (packets by what happened to them) and the maps'
     /// occupancy, after each sync.
-    pub fn data_path(&self, stats: &DataPathStats) {
-        let mut last = self.bpf_last.lock().unwrap_or_else(PoisonError::into_inner);
+    pub fn data_path(&mut self, stats: &DataPathStats) {
         for &(name, value) in &stats.counters {
-            let before = last.insert(name, value).unwrap_or(0);
+            let before = self.bpf_last.insert(name, value).unwrap_or(0);
             // Smaller than before: the counters were created anew (`ferry cleanup`).
             let added = if value >= before { value - before } else { value };
             self.bpf_packets.get_or_create(&[("counter", name)]).inc_by(added);
@@ -324,7 +322,7 @@ mod tests {
     #[test]
     fn the_ebpf_counters_become_counters_that_survive_a_reset_of_the_kernels() {
         let mut r = Registry::default();
-        let m = SyncMetrics::register(&mut r);
+        let mut m = SyncMetrics::register(&mut r);
         let report = |established, maps| DataPathStats {
             counters: vec![("established", established), ("bypassed", 0)],
             maps,

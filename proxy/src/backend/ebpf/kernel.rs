@@ -116,7 +116,6 @@ pub fn in_netns<T: Send>(netns: Option<&str>, f: impl FnOnce() -> T + Send) -> R
     })
 }
 
-/// ferry's loaded object and its maps.
 /// Settings fixed when the programs are loaded (read-only globals of the object: the verifier
 /// removes the code they switch off).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -126,6 +125,7 @@ pub struct ProgramSettings {
     pub bypass_netfilter: bool,
 }
 
+/// ferry's loaded object and its maps.
 pub struct Kernel {
     ebpf: Ebpf,
     pins: PathBuf,
