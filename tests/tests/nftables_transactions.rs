@@ -202,3 +202,80 @@ fn replay(seed: u64) {
     let left = ns.exec(&["nft", "list", "tables"]).expect("list tables");
     assert!(!left.contains("ferry"), "cleanup left {left}");
 }
+
+/// Handles of the rules in each chain of ferry's tables: a rewritten rule gets a new handle.
+fn rule_handles(ns: &Netns) -> BTreeMap<String, Vec<u64>> {
+    let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for fam in ["ip", "ip6"] {
+        let json = ns.exec(&["nft", "-a", "-j", "list", "table", fam, "ferry"]).expect("list table");
+        let doc: serde_json::Value = serde_json::from_str(&json).expect("nft json");
+        for item in doc["nftables"].as_array().expect("array") {
+            if let Some(rule) = item.get("rule") {
+                let chain = rule["chain"].as_str().expect("chain");
+                let handle = rule["handle"].as_u64().expect("handle");
+                out.entry(format!("{fam} {chain}")).or_default().push(handle);
+            }
+        }
+    }
+    out
+}
+
+/// Pick, slot and affinity chains: the ones whose rules choose an endpoint.
+fn chooses_endpoints(chain: &str) -> bool {
+    let name = chain.split_once(' ').map_or(chain, |(_, n)| n);
+    name.starts_with("pick_") || name.starts_with("aff_") || name.contains("_ep_")
+}
+
+/// A periodic full sync rewrites the static chains (which repairs the hooks) but leaves the
+/// chains that choose endpoints as they are: rewriting one while traffic flows made a new
+/// connection now and then find no endpoint (`e2e repeated_full_syncs_lose_no_connection`).
+/// A backend that is not in sync (here: a restarted ferry adopting the table) rewrites them all.
+#[test]
+fn a_periodic_full_sync_leaves_the_chains_that_choose_endpoints_alone() {
+    let sb = Sandbox::new("nft-keep").expect("sandbox");
+    let ns = sb.netns("node").expect("netns");
+    let cfg = config();
+    let options = BackendOptions { netns: Some(ns.name().to_owned()), ..BackendOptions::default() };
+    let mut backend = build(BackendKind::Nftables, &options).expect("backend");
+    let mut store = Store::new();
+    let mut planner = Planner::new();
+    let mut rng = Rng(0x6b65_6570_6368_6169);
+    let mut objects = Vec::new();
+    for i in 0..12 {
+        let (svc, slices) = service(i, &mut rng);
+        objects.push(svc);
+        objects.extend(slices);
+    }
+    store.handle(StoreEvent::Replace { kinds: vec![Kind::Service, Kind::EndpointSlice], objects });
+    let changes = store.take_changes();
+    planner.update(&store, &cfg, &changes);
+    backend.sync(planner.plan(), None, &cfg).expect("first full sync");
+    let first = rule_handles(&ns);
+    let dynamic: Vec<&String> = first.keys().filter(|c| chooses_endpoints(c)).collect();
+    assert!(
+        dynamic.iter().any(|c| c.contains("pick_"))
+            && dynamic.iter().any(|c| c.contains("_ep_"))
+            && dynamic.iter().any(|c| c.contains("aff_")),
+        "the services should need pick, slot and affinity chains: {dynamic:?}"
+    );
+
+    let report = backend.sync(planner.plan(), None, &cfg).expect("periodic full sync");
+    assert!(report.full);
+    let second = rule_handles(&ns);
+    for (chain, handles) in &first {
+        let now = second.get(chain).unwrap_or_else(|| panic!("{chain} is gone"));
+        if chooses_endpoints(chain) {
+            assert_eq!(handles, now, "{chain} was rewritten by a periodic full sync");
+        } else {
+            assert_ne!(handles, now, "{chain} was not rewritten: a deleted rule would stay deleted");
+        }
+    }
+
+    let mut restarted = build(BackendKind::Nftables, &options).expect("backend");
+    restarted.sync(planner.plan(), None, &cfg).expect("full sync over an existing table");
+    let third = rule_handles(&ns);
+    for (chain, handles) in &second {
+        assert_ne!(Some(handles), third.get(chain), "{chain}: adoption must rewrite every chain");
+    }
+    restarted.cleanup().expect("cleanup");
+}

@@ -74,6 +74,7 @@ pub struct Fixture {
     pub backend: Backend,
     manifests: ManifestDir,
     extra_flags: Vec<String>,
+    sync_period: Duration,
     ferry: Option<Process>,
     /// The backend's per-test resources outside the namespaces; dropped after ferry stopped.
     env: BackendEnv,
@@ -110,7 +111,22 @@ impl Fixture {
         let manifests = ManifestDir::create(&std::env::temp_dir().join(format!("{}manifests", sb.prefix())));
         manifests.write("node.yaml", &node_yaml(&node.name));
         let env = BackendEnv::create(backend, sb.prefix());
-        Self { cluster, backend, manifests, extra_flags: Vec::new(), ferry: None, env, sb }
+        Self {
+            cluster,
+            backend,
+            manifests,
+            extra_flags: Vec::new(),
+            sync_period: SYNC_PERIOD,
+            ferry: None,
+            env,
+            sb,
+        }
+    }
+
+    /// `--sync-period` for the next start, instead of [`SYNC_PERIOD`].
+    pub fn with_sync_period(mut self, period: Duration) -> Self {
+        self.sync_period = period;
+        self
     }
 
     /// Extra `ferry run` flags (e.g. `--masquerade-all`), for the next start.
@@ -144,8 +160,11 @@ impl Fixture {
         ];
         args.extend(self.cluster.node_flags());
         args.extend(self.env.run_flags());
-        args.extend(["--min-sync-period", "100ms", "--sync-period"].map(String::from));
-        args.push(format!("{}s", SYNC_PERIOD.as_secs()));
+        let min_sync = self.sync_period.min(Duration::from_millis(100));
+        args.push("--min-sync-period".into());
+        args.push(format!("{}ms", min_sync.as_millis()));
+        args.push("--sync-period".into());
+        args.push(format!("{}ms", self.sync_period.as_millis()));
         args.extend(self.extra_flags.iter().cloned());
         let process = self
             .cluster

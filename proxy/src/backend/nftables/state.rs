@@ -53,6 +53,9 @@ pub struct FamilyState {
 #[derive(Debug, Default)]
 pub struct Transaction {
     slots_added: Vec<(Space, usize)>,
+    /// Slot chains left as they are (their maps are still declared); see
+    /// [`FamilyState::unchanged_chains`].
+    slot_chains_kept: BTreeSet<String>,
     sets_added: Vec<OwnedSet>,
     chains_written: Vec<(String, Vec<String>, bool)>,
     elements_deleted: BTreeMap<SetRef, Vec<String>>,
@@ -86,6 +89,9 @@ impl Transaction {
             let map = SetRef::Slot(*space, *i);
             let chain = compile::slot_chain(*space, *i);
             let _ = writeln!(out, "add map {t} {map} {{ {} }}", compile::slot_map_decl(*space, fam));
+            if self.slot_chains_kept.contains(&chain) {
+                continue;
+            }
             let _ = writeln!(out, "add chain {t} {chain}");
             let _ = writeln!(out, "flush chain {t} {chain}");
             let _ = writeln!(out, "add rule {t} {chain} {}", compile::slot_rule(*space, *i, fam));
@@ -400,18 +406,19 @@ impl FamilyState {
     /// sets are flushed and refilled, affinity sets keep their entries, and objects ferry no
     /// longer wants (`stale_chains`, `stale_sets`, read from the kernel) are deleted last.
     pub fn full_script(&self, config: &NodeConfig, stale_chains: &[String], stale_sets: &[String]) -> String {
-        let (split, _) = self.full_split(config, stale_chains, stale_sets, false);
+        let (split, _) = self.full_split(config, stale_chains, stale_sets, &BTreeSet::new(), false);
         split.before + &split.after
     }
 
     /// [`Self::full_script`] cut for the netlink path; also returns the sets the netlink batch
     /// must flush before refilling them (in the same kernel transaction as the refill, so
-    /// no packet sees them empty).
+    /// no packet sees them empty). Chains in `keep` are left as they are in the kernel.
     pub fn full_split(
         &self,
         config: &NodeConfig,
         stale_chains: &[String],
         stale_sets: &[String],
+        keep: &BTreeSet<String>,
         netlink: bool,
     ) -> (Split, Vec<String>) {
         let fam = self.fam;
@@ -428,7 +435,7 @@ impl FamilyState {
                 let _ = writeln!(out, "flush {kind} {t} {}", s.name);
             }
         }
-        let mut tx = Transaction::default();
+        let mut tx = Transaction { slot_chains_kept: keep.clone(), ..Transaction::default() };
         let chains = layout::chains(fam, config);
         // Declare every chain before any rule can jump to it.
         for c in &chains {
@@ -455,14 +462,14 @@ impl FamilyState {
         }
         let mut picks: Vec<&PickChain> = self.pick_refs.keys().collect();
         picks.sort();
-        for p in picks {
+        for p in picks.into_iter().filter(|p| !keep.contains(&p.name())) {
             tx.chains_written.push((p.name(), vec![p.rule()], true));
         }
         let mut ports: Vec<_> = self.owned.iter().collect();
         ports.sort_by(|a, b| a.0.cmp(b.0));
         for (_, (chains, sets)) in ports {
             tx.sets_added.extend(sets.iter().cloned());
-            for ch in chains {
+            for ch in chains.iter().filter(|c| !keep.contains(&c.name)) {
                 tx.chains_written.push((ch.name.clone(), ch.rules.clone(), true));
             }
         }
@@ -481,6 +488,36 @@ impl FamilyState {
         out.push_str(&split.before);
         split.before = out;
         (split, flush_by_netlink)
+    }
+
+    /// The endpoint-choosing chains (pick, slot and affinity chains) that a full sync of an
+    /// in-sync backend leaves alone: they exist in the kernel (`have`) and `previous`, the
+    /// state this process last programmed, wrote them with the rules this state wants.
+    ///
+    /// Rewriting such a chain is not harmless while traffic flows. Traced with nft, a
+    /// connection opened while a full sync rewrote the pick and slot chains jumped from
+    /// `frontends` to its pick chain and left it without a verdict: nothing DNATed it and
+    /// `endpoint_check` rejected it (about one connection in 5,000 under back-to-back full
+    /// syncs; leaving either the pick or the slot chains alone made it disappear). Static
+    /// chains are still rewritten, which keeps the hooks repaired; they never showed it.
+    pub fn unchanged_chains(&self, previous: &FamilyState, have: &BTreeSet<String>) -> BTreeSet<String> {
+        let mut keep = BTreeSet::new();
+        // A pick or slot chain's rule is a function of its name.
+        for p in self.pick_refs.keys().filter(|p| previous.pick_refs.contains_key(p)) {
+            keep.insert(p.name());
+        }
+        for (space, n) in self.wanted_slots() {
+            let had = previous.slots.get(&space).copied().unwrap_or(0);
+            keep.extend((0..n.min(had)).map(|i| compile::slot_chain(space, i)));
+        }
+        for (port, (chains, _)) in &self.owned {
+            let Some((before, _)) = previous.owned.get(port) else { continue };
+            for c in chains.iter().filter(|c| before.contains(c)) {
+                keep.insert(c.name.clone());
+            }
+        }
+        keep.retain(|c| have.contains(c));
+        keep
     }
 
     /// Names of every chain and set this state wants to exist.
