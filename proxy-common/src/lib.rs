@@ -498,8 +498,9 @@ pub enum Stat {
     MapUpdateFailed = 10,
     /// A connect/sendmsg of a node process translated by the cgroup programs.
     SocketTranslated = 11,
-    /// A translated connection ended because its client opened a direct flow with the same
-    /// addresses and ports after DNAT (its entries were deleted).
+    /// A translated connection ended because its client opened a flow with the same addresses
+    /// and ports after DNAT: a direct one, or one to another frontend with a common endpoint
+    /// (its entries were deleted).
     Superseded = 12,
     /// A translated packet sent straight to its next hop (`--bypass-netfilter`), either way.
     Bypassed = 13,

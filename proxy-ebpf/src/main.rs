@@ -377,6 +377,8 @@ struct Scratch {
     pkt: Packet,
     flow: FlowKey,
     reply: FlowKey,
+    /// Another connection's key, built by [`end_connection_holding_reply`].
+    other: FlowKey,
     key: FrontendKey,
     fe: FrontendValue,
     ct: CtValue,
@@ -491,6 +493,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ParseError> {
                 // A (re)opening keeps its reply entry too, whatever evicted or ended it.
                 s.flow = s.pkt.flow;
                 fill_reply(s);
+                end_connection_holding_reply(s);
                 if REVNAT.insert(&s.reply, &s.original, 0).is_err() {
                     count(Stat::MapUpdateFailed);
                 }
@@ -635,6 +638,31 @@ fn end_superseded_connection(ctx: &TcContext, s: &mut Scratch) {
     count(Stat::Superseded);
 }
 
+/// Called before connection `s.flow` writes its reply entry `s.reply` (frontend
+/// `s.original`). If a connection to another frontend holds that entry, the client reused its
+/// source port for two frontends with a common endpoint: after DNAT both are client:port ↔
+/// endpoint. That connection ends (its `CONNTRACK` entry goes, counter `superseded`), so that
+/// its next packet opens it again and takes the entry back; kept, its replies would be
+/// rewritten to this frontend's address and never reach the client's socket. Netfilter
+/// remaps the second connection's source port instead; ferry does not, so two such flows that
+/// exchange packets at the same moment can still see each other's replies.
+#[inline(never)]
+fn end_connection_holding_reply(s: &mut Scratch) {
+    let Some(held) = REVNAT.get_ptr(&s.reply) else { return };
+    // SAFETY: a map value, valid during this run; read at once.
+    let held = unsafe { &*held };
+    if addr_eq(&held.addr, &s.original.addr) && held.port == s.original.port {
+        return;
+    }
+    // SAFETY: fields of 4-aligned types.
+    unsafe { copy_addr(&mut s.other.saddr, &s.flow.saddr) };
+    // SAFETY: as above.
+    unsafe { copy_addr(&mut s.other.daddr, &held.addr) };
+    set_flow_tail(&mut s.other, s.flow.sport, held.port, s.flow.protocol);
+    let _ = CONNTRACK.remove(&s.other);
+    count(Stat::Superseded);
+}
+
 /// The reply key of connection `s.flow` translated to `s.ct`, and its frontend in `s.original`.
 #[inline(always)]
 fn fill_reply(s: &mut Scratch) {
@@ -759,6 +787,7 @@ fn new_connection(ctx: &TcContext, s: &mut Scratch) -> i32 {
     // SAFETY: reading a field of the context the kernel passed.
     s.ct.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     fill_reply(s);
+    end_connection_holding_reply(s);
     if CONNTRACK.insert(&s.flow, &s.ct, 0).is_err() || REVNAT.insert(&s.reply, &s.original, 0).is_err() {
         count(Stat::MapUpdateFailed);
     }

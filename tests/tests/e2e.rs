@@ -597,6 +597,32 @@ fn repeated_full_syncs_lose_no_connection(backend: Backend) {
     );
 }
 
+/// A client that reuses one UDP source port for two services with a common endpoint has two
+/// flows that are one tuple after DNAT (client:port ↔ endpoint). netfilter tells them apart by
+/// remapping the second one's source port; whatever a data plane does, each request must be
+/// answered by the service it was sent to, also when the client goes back to the first one.
+/// (The eBPF data path once kept the first flow's entry, whose replies then carried the second
+/// frontend's address and never reached the client's socket.)
+fn a_client_port_reused_for_two_services_with_a_common_endpoint_is_answered_by_each(backend: Backend) {
+    let mut fx = Fixture::new("port_reuse", backend);
+    let pod0 = fx.cluster.pods[0].clone();
+    let first = Svc::new("first", 88).ready(&[&pod0]);
+    let second = Svc::new("second", 89).ready(&[&pod0]);
+    fx.start(&[&first, &second]);
+    let client = &fx.cluster.client.ns;
+    for family in Family::ALL {
+        let targets = [fx.cluster_addr(88, family, 53), fx.cluster_addr(89, family, 53)];
+        let source = common::fresh_source(targets[0]);
+        for (i, target) in targets.into_iter().cycle().take(6).enumerate() {
+            // A connected socket takes only answers from `target`.
+            let reply = client
+                .request(Proto::Udp, Some(source), target, TIMEOUT)
+                .unwrap_or_else(|e| panic!("request {i}, udp from port {} to {target}: {e}", source.port()));
+            assert_eq!(reply.server, pod_addr(&pod0, family), "request {i} to {target}");
+        }
+    }
+}
+
 fn a_removed_service_loses_its_rules_and_its_cluster_ip_is_then_dropped(backend: Backend) {
     let mut fx = Fixture::new("removed_service", backend);
     let web = Svc::new("web", 10).ready(&fx.serving_pods());
@@ -992,6 +1018,7 @@ suite! {
     masquerade_all_masquerades_cluster_ip_traffic_from_pods,
     endpoint_changes_while_traffic_flows_lose_no_request,
     repeated_full_syncs_lose_no_connection,
+    a_client_port_reused_for_two_services_with_a_common_endpoint_is_answered_by_each,
     a_removed_service_loses_its_rules_and_its_cluster_ip_is_then_dropped,
     a_full_sync_repairs_an_element_deleted_by_hand,
     a_restart_keeps_established_connections_and_the_rules,

@@ -664,6 +664,29 @@ fn a_direct_flow_reusing_a_finished_service_flows_addresses_and_ports_is_not_rev
     assert_eq!(TestRun::egress(&kernel, &answer).parse().src, sock("10.96.0.10:53"));
 }
 
+/// A client reusing one UDP source port for two frontends with a common endpoint: after DNAT
+/// both flows are client:port ↔ endpoint, one reply entry. Whichever flow sent last owns it
+/// (the other flow's connection entry goes), so every answer carries the address of the frontend
+/// its question went to, also when the client goes back to the first.
+#[test]
+fn a_port_reused_for_two_frontends_with_a_common_endpoint_answers_each_from_its_frontend() {
+    let ep = sock("10.0.1.10:8080");
+    let ports = [
+        PortPlan::cluster_ip("dns-a", "10.96.0.10", 53, &[ep]).udp(),
+        PortPlan::cluster_ip("dns-b", "10.96.0.11", 53, &[ep]).udp(),
+    ];
+    let (_fs, mut kernel) = load("two_frontends_one_tuple", &ports);
+    let (client, ep_ip) = (v4("10.0.1.2"), v4("10.0.1.10"));
+    let answer = Frame::udp4(ep_ip, 8080, client, 3333, b"a");
+    for (i, vip) in ["10.96.0.10", "10.96.0.11", "10.96.0.10", "10.96.0.11"].into_iter().enumerate() {
+        let q = Frame::udp4(client, 3333, v4(vip), 53, b"q");
+        assert_eq!(TestRun::ingress(&kernel, &q).parse().dst, ep, "question {i} to {vip}");
+        let a = TestRun::egress(&kernel, &answer).parse();
+        assert_eq!(a.src, SocketAddr::new(v4(vip).into(), 53), "answer {i} comes from {vip}");
+    }
+    assert_eq!(stat(&mut kernel, Stat::Superseded), 3, "each switch ends the other flow");
+}
+
 /// The translated packet itself may meet the ingress program again on the same node (a bridge
 /// of pod veths carries the programs too): after DNAT it looks exactly like a direct packet, but
 /// it comes in on another interface, and must not end its own connection.
