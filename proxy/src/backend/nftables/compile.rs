@@ -260,7 +260,14 @@ fn dispatch(
             }
         }
         Some(timeout) => {
-            let base = format!("aff_{:016x}", stable_hash(&format!("{:?} {key}", space)));
+            let port_hash = stable_hash(&format!("{:?} {key}", space));
+            let base = format!("aff_{port_hash:016x}");
+            // The head chain is named by its endpoint list too: an endpoint change creates a new
+            // head, switches the frontend's element to it and deletes the old one, rather than
+            // rewriting a chain that new connections may be running (see
+            // `FamilyState::unchanged_chains`). Per-endpoint chains and sets keep their names.
+            let list: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
+            let head_name = format!("affh_{port_hash:016x}_{:08x}", stable_hash(&list.join(",")) as u32);
             let mut head = Vec::new();
             let mut vmap = String::new();
             for (i, ep) in endpoints.iter().enumerate() {
@@ -284,11 +291,11 @@ fn dispatch(
                 });
             }
             head.push(format!("numgen random mod {} vmap {{ {vmap} }}", endpoints.len()));
-            c.chains.push(OwnedChain { name: base.clone(), rules: head });
+            c.chains.push(OwnedChain { name: head_name.clone(), rules: head });
             c.elements.push(Element {
                 set: SetRef::Fixed(map),
                 key: key.to_owned(),
-                value: Some(format!("goto {base}")),
+                value: Some(format!("goto {head_name}")),
             });
         }
     }

@@ -145,7 +145,7 @@ impl Transaction {
         chains.sort_by_key(|c| {
             let level = if c.starts_with("pick_") {
                 0
-            } else if c.starts_with("aff_") && c.len() == 20 {
+            } else if c.starts_with("affh_") {
                 1
             } else {
                 2
