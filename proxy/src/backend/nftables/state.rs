@@ -53,9 +53,9 @@ pub struct FamilyState {
 #[derive(Debug, Default)]
 pub struct Transaction {
     slots_added: Vec<(Space, usize)>,
-    /// Slot chains left as they are (their maps are still declared); see
-    /// [`FamilyState::unchanged_chains`].
-    slot_chains_kept: BTreeSet<String>,
+    /// Chains a full sync leaves as they are ([`FamilyState::unchanged_chains`]); slot chains
+    /// are looked up here (their maps are still declared), `full_split` skips the others.
+    chains_kept: BTreeSet<String>,
     sets_added: Vec<OwnedSet>,
     chains_written: Vec<(String, Vec<String>, bool)>,
     elements_deleted: BTreeMap<SetRef, Vec<String>>,
@@ -89,7 +89,7 @@ impl Transaction {
             let map = SetRef::Slot(*space, *i);
             let chain = compile::slot_chain(*space, *i);
             let _ = writeln!(out, "add map {t} {map} {{ {} }}", compile::slot_map_decl(*space, fam));
-            if self.slot_chains_kept.contains(&chain) {
+            if self.chains_kept.contains(&chain) {
                 continue;
             }
             let _ = writeln!(out, "add chain {t} {chain}");
@@ -435,7 +435,7 @@ impl FamilyState {
                 let _ = writeln!(out, "flush {kind} {t} {}", s.name);
             }
         }
-        let mut tx = Transaction { slot_chains_kept: keep.clone(), ..Transaction::default() };
+        let mut tx = Transaction { chains_kept: keep.clone(), ..Transaction::default() };
         let chains = layout::chains(fam, config);
         // Declare every chain before any rule can jump to it.
         for c in &chains {
