@@ -215,9 +215,9 @@ impl Kernel {
                 }
                 TcHook::Netlink => {
                     self.attach_filter(iface, name, attach)?;
-                    // Unpinning releases the TCX link of a run with --tc-attach=tcx.
+                    // The TCX link of a run with --tc-attach=tcx would translate twice.
                     if sweep {
-                        let _ = std::fs::remove_file(self.link_pin(iface, dir));
+                        release_link(&self.link_pin(iface, dir))?;
                     }
                 }
             }
@@ -256,7 +256,7 @@ impl Kernel {
                     }
                     Err(_) => {
                         // A link of a deleted interface of the same name: start afresh.
-                        let _ = std::fs::remove_file(&pin);
+                        release_link(&pin)?;
                         false
                     }
                 }
@@ -392,10 +392,32 @@ pub fn detach_filters() -> Result<usize, KernelError> {
     Ok(detached)
 }
 
-/// Removes every pin under `<bpffs>/ferry`: links (detaching the programs) and maps. What the
-/// kernel held goes away once nothing else refers to it.
+/// Removes a pinned link and, before returning, the attachment it holds. Unlinking the pin
+/// alone is not enough: since Linux 6.3 the pin's reference goes from a kernel work queue, so
+/// the program could stay attached for a moment after the call (a TCX link beside the filter
+/// that replaces it would translate twice). Holding a descriptor of our own while unpinning
+/// makes our close the last reference, and a close frees the link (and detaches it) in the
+/// syscall itself.
+fn release_link(pin: &Path) -> Result<(), KernelError> {
+    let held = PinnedLink::from_pin(pin).ok();
+    let removed = match held {
+        Some(link) => link.unpin().map(drop),
+        None => std::fs::remove_file(pin),
+    };
+    match removed {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(setup(format!("removing {}", pin.display()), e)),
+    }
+}
+
+/// Removes every pin under `<bpffs>/ferry`: links first, each detached before the call returns
+/// (release_link), then the maps. What the kernel held goes away once nothing else refers to it.
 pub fn remove_pins(bpffs: &Path) -> Result<(), KernelError> {
     let root = pin_root(bpffs);
+    for entry in std::fs::read_dir(root.join("links")).into_iter().flatten().flatten() {
+        release_link(&entry.path())?;
+    }
     match std::fs::remove_dir_all(&root) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
