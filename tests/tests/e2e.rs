@@ -602,6 +602,62 @@ fn repeated_full_syncs_lose_no_connection(backend: Backend) {
     );
 }
 
+/// Restarts of ferry (stop, start, and the new process's first full sync adopting what the last
+/// one left) lose no connection opened meanwhile: the data path stays while ferry is down, and
+/// the adopting sync must not disturb it. (nftables once rewrote every chain that chooses
+/// endpoints on that sync, and a connection opened during the rewrite could find none, as in
+/// `repeated_full_syncs_lose_no_connection`.)
+fn restarts_lose_no_connection(backend: Backend) {
+    const RESTARTS: usize = 8;
+    let mut fx = Fixture::new("restarts", backend);
+    let pods = fx.serving_pods();
+    let web = Svc::new("web", 84).ready(&pods[..2]);
+    let mut sticky = Svc::new("sticky", 85).ready(&pods[2..]);
+    sticky.affinity_timeout = Some(300);
+    fx.start(&[&web, &sticky]);
+    let client = fx.cluster.client.ns.clone();
+    let mut targets = Vec::new();
+    for n in [84, 85] {
+        for family in Family::ALL {
+            for (proto, port) in PORTS {
+                targets.push((proto, fx.cluster_addr(n, family, port)));
+            }
+        }
+    }
+    let stop = AtomicBool::new(false);
+    let (sent, failed) = std::thread::scope(|s| {
+        // Ends the client loop also when this thread panics (the scope joins it).
+        let _stop = StopOnDrop(&stop);
+        let requests = s.spawn(|| {
+            let (mut sent, mut failed) = (0usize, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                for &(proto, target) in &targets {
+                    sent += 1;
+                    if let Err(e) = try_request(&client, proto, target, TIMEOUT) {
+                        failed.push(format!("{proto} {target}: {e}"));
+                    }
+                }
+            }
+            (sent, failed)
+        });
+        for _ in 0..RESTARTS {
+            fx.stop_ferry();
+            fx.start_ferry();
+            // Some requests meet the new process's state before the next restart.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        stop.store(true, Ordering::SeqCst);
+        requests.join().expect("client thread")
+    });
+    assert!(sent >= 100, "only {sent} requests ran");
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} requests failed during {RESTARTS} restarts: {failed:#?}\n{}",
+        failed.len(),
+        fx.log()
+    );
+}
+
 /// A client that reuses one UDP source port for two services with a common endpoint has two
 /// flows that are one tuple after DNAT (client:port ↔ endpoint). netfilter tells them apart by
 /// remapping the second one's source port; whatever a data plane does, each request must be
@@ -1025,6 +1081,7 @@ suite! {
     masquerade_all_masquerades_cluster_ip_traffic_from_pods,
     endpoint_changes_while_traffic_flows_lose_no_request,
     repeated_full_syncs_lose_no_connection,
+    restarts_lose_no_connection,
     a_removed_service_loses_its_rules_and_its_cluster_ip_is_then_dropped,
     a_full_sync_repairs_an_element_deleted_by_hand,
     a_restart_keeps_established_connections_and_the_rules,

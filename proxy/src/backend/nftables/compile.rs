@@ -5,6 +5,8 @@
 //! and endpoint choice is one lookup keyed by `frontend . numgen random mod N` in a shared
 //! `pick_<space>_<N>` chain. See README.md in this directory for the whole layout.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt::Write;
 use std::net::SocketAddr;
 
@@ -108,11 +110,12 @@ impl Space {
     }
 }
 
-/// `pick_<space>_<n>`: chooses uniformly among slots `0..n` of whatever frontend jumped here.
+/// `pick_<space>_<n>_<hash>`: chooses uniformly among slots `0..n` of whatever frontend
+/// jumped here.
 ///
 /// Slot `i` of a space is a map `<space>_eps_<i>` from frontend to endpoint and a chain
-/// `<space>_ep_<i>` that DNATs through it. (A single map keyed by `frontend . numgen` would
-/// save the hop, but nft 1.0.6 cannot reload a map whose `typeof` data concatenates an
+/// `<space>_ep_<i>_<hash>` that DNATs through it. (A single map keyed by `frontend . numgen`
+/// would save the hop, but nft 1.0.6 cannot reload a map whose `typeof` data concatenates an
 /// address and a port, so ferry keeps to plain `type` declarations.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PickChain {
@@ -121,19 +124,59 @@ pub struct PickChain {
 }
 
 impl PickChain {
-    pub fn name(&self) -> String {
-        format!("pick_{}_{}", self.space.tag(), self.n)
+    pub fn name(&self, fam: Fam) -> String {
+        memoized((NameOf::Pick, self.space, self.n, fam.ip), || {
+            content_name(&format!("pick_{}_{}", self.space.tag(), self.n), &[self.rule(fam)])
+        })
     }
 
-    pub fn rule(&self) -> String {
+    pub fn rule(&self, fam: Fam) -> String {
         let targets: Vec<String> =
-            (0..self.n).map(|i| format!("{i} : goto {}", slot_chain(self.space, i))).collect();
+            (0..self.n).map(|i| format!("{i} : goto {}", slot_chain(self.space, i, fam))).collect();
         format!("numgen random mod {} vmap {{ {} }}", self.n, targets.join(", "))
     }
 }
 
-pub fn slot_chain(space: Space, i: usize) -> String {
-    format!("{}_ep_{i}", space.tag())
+pub fn slot_chain(space: Space, i: usize, fam: Fam) -> String {
+    memoized((NameOf::Slot, space, i, fam.ip), || {
+        content_name(&format!("{}_ep_{i}", space.tag()), &[slot_rule(space, i, fam)])
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum NameOf {
+    Pick,
+    Slot,
+}
+
+thread_local! {
+    /// Pick and slot chain names by (kind, space, count or index, family). A name hashes the
+    /// chain's rules, and a full compile asks for a pick chain's name once per service port:
+    /// computed each time, that cost a third more on 10,000 services. The set of keys is
+    /// bounded by the largest endpoint count.
+    static CHAIN_NAMES: RefCell<HashMap<NameKey, String>> = RefCell::new(HashMap::new());
+}
+
+/// (kind, space, count or index, family keyword).
+type NameKey = (NameOf, Space, usize, &'static str);
+
+fn memoized(key: NameKey, name: impl FnOnce() -> String) -> String {
+    if let Some(known) = CHAIN_NAMES.with(|m| m.borrow().get(&key).cloned()) {
+        return known;
+    }
+    // Computed outside the borrow: a pick chain's name asks for its slot chains' names.
+    let computed = name();
+    CHAIN_NAMES.with(|m| m.borrow_mut().insert(key, computed.clone()));
+    computed
+}
+
+/// The name of a chain that chooses endpoints (pick, slot, affinity): `prefix` and a hash of
+/// the chain's rules. nft writes a chain and its rules in one transaction, so a chain of that
+/// name in the kernel holds exactly these rules, whichever ferry process or version wrote it:
+/// a full sync, the first one after a restart included, leaves it alone instead of rewriting it
+/// (`FamilyState::kept_chains` says why that matters), and a change of the rules is a new chain.
+pub fn content_name(prefix: &str, rules: &[String]) -> String {
+    format!("{prefix}_{:08x}", stable_hash(&rules.join("\n")) as u32)
 }
 
 pub fn slot_rule(space: Space, i: usize, fam: Fam) -> String {
@@ -253,7 +296,7 @@ fn dispatch(
             c.elements.push(Element {
                 set: SetRef::Fixed(map),
                 key: key.to_owned(),
-                value: Some(format!("goto {}", pick.name())),
+                value: Some(format!("goto {}", pick.name(fam))),
             });
             if !c.pick_chains.contains(&pick) {
                 c.pick_chains.push(pick);
@@ -262,35 +305,33 @@ fn dispatch(
         Some(timeout) => {
             let port_hash = stable_hash(&format!("{:?} {key}", space));
             let base = format!("aff_{port_hash:016x}");
-            // The head chain is named by its endpoint list too: an endpoint change creates a new
-            // head, switches the frontend's element to it and deletes the old one, rather than
-            // rewriting a chain that new connections may be running (see
-            // `FamilyState::unchanged_chains`). Per-endpoint chains and sets keep their names.
-            let list: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
-            let head_name = format!("affh_{port_hash:016x}_{:08x}", stable_hash(&list.join(",")) as u32);
+            // Every chain here is named by its content (`content_name`): an endpoint change
+            // creates a new head, switches the frontend's element to it and deletes the old one,
+            // rather than rewriting a chain that new connections may be running. The client-state
+            // sets are named by port and endpoint only, so they keep their entries.
             let mut head = Vec::new();
             let mut vmap = String::new();
             for (i, ep) in endpoints.iter().enumerate() {
-                let ep_name = format!("{base}_{:08x}", stable_hash(&ep.to_string()) as u32);
-                head.push(format!("{} saddr @{ep_name} goto {ep_name}", fam.ip));
-                let _ = write!(vmap, "{}{i} : goto {ep_name}", if i == 0 { "" } else { ", " });
-                c.sets.push(OwnedSet { name: ep_name.clone(), timeout });
-                c.chains.push(OwnedChain {
-                    name: ep_name.clone(),
-                    rules: vec![
-                        format!("update @{ep_name} {{ {} saddr }}", fam.ip),
-                        format!(
-                            "meta l4proto {{ tcp, udp, sctp }} dnat {} to {}",
-                            fam.ip,
-                            match ep {
-                                SocketAddr::V4(a) => a.to_string(),
-                                SocketAddr::V6(a) => a.to_string(),
-                            }
-                        ),
-                    ],
-                });
+                let ep_set = format!("{base}_{:08x}", stable_hash(&ep.to_string()) as u32);
+                let rules = vec![
+                    format!("update @{ep_set} {{ {} saddr }}", fam.ip),
+                    format!(
+                        "meta l4proto {{ tcp, udp, sctp }} dnat {} to {}",
+                        fam.ip,
+                        match ep {
+                            SocketAddr::V4(a) => a.to_string(),
+                            SocketAddr::V6(a) => a.to_string(),
+                        }
+                    ),
+                ];
+                let ep_chain = content_name(&ep_set, &rules);
+                head.push(format!("{} saddr @{ep_set} goto {ep_chain}", fam.ip));
+                let _ = write!(vmap, "{}{i} : goto {ep_chain}", if i == 0 { "" } else { ", " });
+                c.sets.push(OwnedSet { name: ep_set, timeout });
+                c.chains.push(OwnedChain { name: ep_chain, rules });
             }
             head.push(format!("numgen random mod {} vmap {{ {vmap} }}", endpoints.len()));
+            let head_name = content_name(&format!("affh_{port_hash:016x}"), &head);
             c.chains.push(OwnedChain { name: head_name.clone(), rules: head });
             c.elements.push(Element {
                 set: SetRef::Fixed(map),

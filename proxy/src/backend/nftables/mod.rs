@@ -39,7 +39,8 @@ pub struct NftBackend {
     elements: Option<ElementPath>,
     families: [FamilyState; 2],
     /// False until a full sync succeeded, and again after a failed transaction: the kernel may
-    /// then differ from what ferry believes, so the next sync rewrites everything.
+    /// then differ from what ferry believes, so the next sync is a full one (which still keeps
+    /// the endpoint-choosing chains it finds: their names say what they hold).
     in_sync: bool,
 }
 
@@ -94,12 +95,9 @@ impl NftBackend {
         Ok(())
     }
 
-    /// Builds the state for `plan` from scratch; returns the state it replaces.
-    fn rebuild(&mut self, plan: &Plan, config: &NodeConfig) -> [FamilyState; 2] {
-        let previous = std::mem::replace(
-            &mut self.families,
-            [FamilyState::new(family::V4), FamilyState::new(family::V6)],
-        );
+    /// Builds the state for `plan` from scratch.
+    fn rebuild(&mut self, plan: &Plan, config: &NodeConfig) {
+        self.families = [FamilyState::new(family::V4), FamilyState::new(family::V6)];
         for st in &mut self.families {
             let fam = st.fam();
             let mut scratch = Transaction::default();
@@ -110,24 +108,23 @@ impl NftBackend {
                 st.set_global(set, members, &mut scratch);
             }
         }
-        previous
     }
 
     fn full_sync(&mut self, plan: &Plan, config: &NodeConfig) -> Result<usize, NftError> {
-        let previous = self.rebuild(plan, config);
+        self.rebuild(plan, config);
         let netlink = self.elements.is_some();
         let (mut before, mut after) = (String::new(), String::new());
         let mut batches = Vec::new();
-        for (i, prev) in previous.iter().enumerate() {
-            let fam = self.families[i].fam();
+        for st in &self.families {
+            let fam = st.fam();
             let (have_chains, have_sets) = kernel_names(self.runner.as_mut(), fam)?;
-            let st = &self.families[i];
             let (want_chains, want_sets) = st.wanted_names(config);
             let stale_chains: Vec<String> = have_chains.difference(&want_chains).cloned().collect();
             let stale_sets: Vec<String> = have_sets.difference(&want_sets).cloned().collect();
-            // Out of sync (start, adoption, a failed sync) every chain is rewritten.
-            let keep = if self.in_sync { st.unchanged_chains(prev, &have_chains) } else { BTreeSet::new() };
-            let (split, flush) = st.full_split(config, &stale_chains, &stale_sets, &keep, netlink);
+            // Also when out of sync (start, adoption, a failed sync): a kept chain's name says
+            // what it holds.
+            let keep = st.kept_chains(&have_chains);
+            let (split, flush) = st.full_split(config, &stale_chains, &stale_sets, keep, netlink);
             before.push_str(&split.before);
             after.push_str(&split.after);
             batches.push((fam, flush, split.netlink));

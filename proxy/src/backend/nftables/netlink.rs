@@ -7,7 +7,7 @@
 //! declarations) still goes through `nft`, which is rare and small; elements, the bulk and the
 //! everyday change, go here. Interval sets stay with `nft`, which computes their ranges.
 //!
-//! Element text (`10.96.0.10 . tcp . 80`, `10.0.1.10 . 8080`, `goto pick_ip_3`) is encoded at
+//! Element text (`10.96.0.10 . tcp . 80`, `10.0.1.10 . 8080`, `goto pick_ip_3_5d0e8a1f`) is encoded at
 //! this one boundary into nftables' register layout: each concatenated field padded to 4 bytes,
 //! addresses and ports in network byte order.
 

@@ -53,7 +53,7 @@ pub struct FamilyState {
 #[derive(Debug, Default)]
 pub struct Transaction {
     slots_added: Vec<(Space, usize)>,
-    /// Chains a full sync leaves as they are ([`FamilyState::unchanged_chains`]); slot chains
+    /// Chains a full sync leaves as they are ([`FamilyState::kept_chains`]); slot chains
     /// are looked up here (their maps are still declared), `full_split` skips the others.
     chains_kept: BTreeSet<String>,
     sets_added: Vec<OwnedSet>,
@@ -87,7 +87,7 @@ impl Transaction {
         let mut out = String::new();
         for (space, i) in &self.slots_added {
             let map = SetRef::Slot(*space, *i);
-            let chain = compile::slot_chain(*space, *i);
+            let chain = compile::slot_chain(*space, *i, fam);
             let _ = writeln!(out, "add map {t} {map} {{ {} }}", compile::slot_map_decl(*space, fam));
             if self.chains_kept.contains(&chain) {
                 continue;
@@ -267,7 +267,7 @@ impl FamilyState {
                     tx.operations += 1;
                 }
                 *have = (*have).max(p.n);
-                tx.chains_written.push((p.name(), vec![p.rule()], false));
+                tx.chains_written.push((p.name(self.fam), vec![p.rule(self.fam)], false));
                 tx.operations += 1;
             }
         }
@@ -276,7 +276,7 @@ impl FamilyState {
                 *n -= 1;
                 if *n == 0 {
                     self.pick_refs.remove(p);
-                    tx.chains_deleted.push(p.name());
+                    tx.chains_deleted.push(p.name(self.fam));
                     tx.operations += 1;
                 }
             }
@@ -406,7 +406,7 @@ impl FamilyState {
     /// sets are flushed and refilled, affinity sets keep their entries, and objects ferry no
     /// longer wants (`stale_chains`, `stale_sets`, read from the kernel) are deleted last.
     pub fn full_script(&self, config: &NodeConfig, stale_chains: &[String], stale_sets: &[String]) -> String {
-        let (split, _) = self.full_split(config, stale_chains, stale_sets, &BTreeSet::new(), false);
+        let (split, _) = self.full_split(config, stale_chains, stale_sets, BTreeSet::new(), false);
         split.before + &split.after
     }
 
@@ -418,7 +418,7 @@ impl FamilyState {
         config: &NodeConfig,
         stale_chains: &[String],
         stale_sets: &[String],
-        keep: &BTreeSet<String>,
+        keep: BTreeSet<String>,
         netlink: bool,
     ) -> (Split, Vec<String>) {
         let fam = self.fam;
@@ -435,7 +435,7 @@ impl FamilyState {
                 let _ = writeln!(out, "flush {kind} {t} {}", s.name);
             }
         }
-        let mut tx = Transaction { chains_kept: keep.clone(), ..Transaction::default() };
+        let mut tx = Transaction { chains_kept: keep, ..Transaction::default() };
         let chains = layout::chains(fam, config);
         // Declare every chain before any rule can jump to it.
         for c in &chains {
@@ -462,14 +462,17 @@ impl FamilyState {
         }
         let mut picks: Vec<&PickChain> = self.pick_refs.keys().collect();
         picks.sort();
-        for p in picks.into_iter().filter(|p| !keep.contains(&p.name())) {
-            tx.chains_written.push((p.name(), vec![p.rule()], true));
+        for p in picks {
+            let name = p.name(fam);
+            if !tx.chains_kept.contains(&name) {
+                tx.chains_written.push((name, vec![p.rule(fam)], true));
+            }
         }
         let mut ports: Vec<_> = self.owned.iter().collect();
         ports.sort_by(|a, b| a.0.cmp(b.0));
         for (_, (chains, sets)) in ports {
             tx.sets_added.extend(sets.iter().cloned());
-            for ch in chains.iter().filter(|c| !keep.contains(&c.name)) {
+            for ch in chains.iter().filter(|c| !tx.chains_kept.contains(&c.name)) {
                 tx.chains_written.push((ch.name.clone(), ch.rules.clone(), true));
             }
         }
@@ -490,9 +493,10 @@ impl FamilyState {
         (split, flush_by_netlink)
     }
 
-    /// The endpoint-choosing chains (pick, slot and affinity chains) that a full sync of an
-    /// in-sync backend leaves alone: they exist in the kernel (`have`) and `previous`, the
-    /// state this process last programmed, wrote them with the rules this state wants.
+    /// The endpoint-choosing chains (pick, slot and affinity chains) that a full sync leaves
+    /// alone: those this state wants that exist in the kernel (`have`). Their names are
+    /// hashes of their rules ([`compile::content_name`]), so an existing one already holds what
+    /// this state would write, whoever wrote it: a restarted or upgraded ferry adopts them too.
     ///
     /// Rewriting such a chain is not harmless while traffic flows. Traced with nft, a
     /// connection opened while a full sync rewrote the pick and slot chains jumped from
@@ -500,21 +504,14 @@ impl FamilyState {
     /// `endpoint_check` rejected it (about one connection in 5,000 under back-to-back full
     /// syncs; leaving either the pick or the slot chains alone made it disappear). Static
     /// chains are still rewritten, which keeps the hooks repaired; they never showed it.
-    pub fn unchanged_chains(&self, previous: &FamilyState, have: &BTreeSet<String>) -> BTreeSet<String> {
-        let mut keep = BTreeSet::new();
-        // A pick or slot chain's rule is a function of its name.
-        for p in self.pick_refs.keys().filter(|p| previous.pick_refs.contains_key(p)) {
-            keep.insert(p.name());
-        }
+    pub fn kept_chains(&self, have: &BTreeSet<String>) -> BTreeSet<String> {
+        let fam = self.fam;
+        let mut keep: BTreeSet<String> = self.pick_refs.keys().map(|p| p.name(fam)).collect();
         for (space, n) in self.wanted_slots() {
-            let had = previous.slots.get(&space).copied().unwrap_or(0);
-            keep.extend((0..n.min(had)).map(|i| compile::slot_chain(space, i)));
+            keep.extend((0..n).map(|i| compile::slot_chain(space, i, fam)));
         }
-        for (port, (chains, _)) in &self.owned {
-            let Some((before, _)) = previous.owned.get(port) else { continue };
-            for c in chains.iter().filter(|c| before.contains(c)) {
-                keep.insert(c.name.clone());
-            }
+        for (chains, _) in self.owned.values() {
+            keep.extend(chains.iter().map(|c| c.name.clone()));
         }
         keep.retain(|c| have.contains(c));
         keep
@@ -525,10 +522,10 @@ impl FamilyState {
         let fam = self.fam;
         let mut chains: BTreeSet<String> =
             layout::chains(fam, config).iter().map(|c| c.name.to_owned()).collect();
-        chains.extend(self.pick_refs.keys().map(PickChain::name));
+        chains.extend(self.pick_refs.keys().map(|p| p.name(fam)));
         let mut sets: BTreeSet<String> = layout::sets(fam).iter().map(|s| s.name.to_owned()).collect();
         for (space, n) in self.wanted_slots() {
-            chains.extend((0..n).map(|i| compile::slot_chain(space, i)));
+            chains.extend((0..n).map(|i| compile::slot_chain(space, i, fam)));
             sets.extend((0..n).map(|i| SetRef::Slot(space, i).to_string()));
         }
         for (owned_chains, owned_sets) in self.owned.values() {
