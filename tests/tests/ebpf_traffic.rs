@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use aya::maps::MapData;
 use ebpf_common::{Bpffs, PortPlan, plan_of};
 use ferry_sandbox::{Cluster, ClusterSpec, Netns, Proto, Reply, Sandbox};
 use proxy::backend::Backend;
@@ -28,7 +29,7 @@ use proxy::backend::ebpf::{EbpfBackend, EbpfOptions, TcAttach, TcHook};
 use proxy::conntrack::{Flow, Netlink};
 use proxy::model::IpFamily;
 use proxy::plan::{NodeConfig, Plan};
-use proxy_common::{Stat, programs};
+use proxy_common::{Stat, maps, programs};
 use tc::tc_programs;
 
 const PORT: u16 = 8080;
@@ -335,6 +336,51 @@ fn processes_of_the_node_reach_a_cluster_ip_through_the_socket_programs() {
 fn a_restarted_backend_adopts_the_pinned_data_path_and_an_established_connection_survives() {
     let mut e = env("ebpf_restart");
     restart_keeps_an_established_connection(&mut e);
+}
+
+/// A restart of a ferry whose programs lay out a pinned map differently (an upgrade) creates
+/// that map afresh instead of handing the old one to programs that would misread it, and
+/// reuses the maps that still fit, also one configured with another capacity now (resizing
+/// would drop its entries). Here ferry stops, `AFFINITY`'s pin is replaced by a map of another
+/// layout (`SERVICES`'s map, pinned under its name), as another version might have left it,
+/// and the new ferry is configured with twice the `CONNTRACK` capacity.
+#[test]
+fn a_restart_recreates_a_pinned_map_of_another_layout_and_reuses_the_others() {
+    let mut e = env("ebpf_layout");
+    let eps = e.endpoints(false);
+    let plan = plan_of(&[PortPlan::cluster_ip("web", "10.96.0.40", 80, &eps)]);
+    e.sync(&plan);
+    let pins = e.backend.options().bpffs.join("ferry").join("maps");
+    let info = |name: &str| {
+        MapData::from_pin(pins.join(name))
+            .and_then(|m| m.info())
+            .unwrap_or_else(|err| panic!("pinned {name}: {err}"))
+    };
+    let layout = |name: &str| {
+        let i = info(name);
+        (i.key_size(), i.value_size())
+    };
+    let affinity_layout = layout(maps::AFFINITY);
+    assert_ne!(affinity_layout, layout(maps::SERVICES), "the test needs two layouts");
+    let conntrack = info(maps::CONNTRACK);
+
+    let mut options = e.backend.options().clone();
+    options.map_sizes.conntrack *= 2;
+    drop(std::mem::replace(&mut e.backend, EbpfBackend::new(options).expect("backend")));
+    std::fs::remove_file(pins.join(maps::AFFINITY)).expect("unpinning AFFINITY");
+    MapData::from_pin(pins.join(maps::SERVICES))
+        .expect("SERVICES")
+        .pin(pins.join(maps::AFFINITY))
+        .expect("pinning SERVICES's map as AFFINITY");
+    e.sync(&plan);
+
+    assert_eq!(layout(maps::AFFINITY), affinity_layout, "AFFINITY was handed over with another layout");
+    let now = info(maps::CONNTRACK);
+    assert_eq!(now.id(), conntrack.id(), "CONNTRACK still fits, yet it was replaced");
+    assert_eq!(now.max_entries(), conntrack.max_entries(), "a pinned map keeps its capacity");
+    let target: SocketAddr = "10.96.0.40:80".parse().expect("addr");
+    let reply = e.cluster.client.ns.tcp_request(target, TIMEOUT);
+    assert!(reply.is_ok(), "the service after the restart: {reply:?}");
 }
 
 /// Kernels before 6.6 have no TCX: there the programs sit in cls_bpf filters on the clsact

@@ -156,6 +156,7 @@ impl Kernel {
             let d = pins.join(dir);
             std::fs::create_dir_all(&d).map_err(|e| setup(format!("creating {}", d.display()), e))?;
         }
+        super::pins::check_pinned_maps(&pins.join("maps"), crate::ebpf_object::BYTES, sizes)?;
         let mut loader = EbpfLoader::new();
         for name in m::PINNED {
             loader.map_pin_path(name, pins.join("maps").join(name));

@@ -6,12 +6,14 @@
 //!   deferred deletion, drift repair, adoption of pinned maps after a restart).
 //! - [`maps`]: the map interface, an in-memory fake and the dump `ferry render` prints.
 //! - [`kernel`]: loading, pinning, TC/cgroup attachment, aya map access.
+//! - [`pins`]: pinned maps of an earlier ferry checked against this one's object.
 //! - [`maglev`]: consistent hashing for external frontends.
 
 pub mod compile;
 pub mod kernel;
 pub mod maglev;
 pub mod maps;
+pub mod pins;
 pub mod state;
 
 use std::collections::BTreeSet;
