@@ -3,7 +3,7 @@
 //!
 //! Dispatch never walks a list of services: every frontend is one element in a verdict map,
 //! and endpoint choice is one lookup keyed by `frontend . numgen random mod N` in a shared
-//! `pick_<space>_<N>` chain. See README.md in this directory for the whole layout.
+//! `pick_<space>_<N>_<hash>` chain. See README.md in this directory for the whole layout.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -152,8 +152,9 @@ enum NameOf {
 thread_local! {
     /// Pick and slot chain names by (kind, space, count or index, family). A name hashes the
     /// chain's rules, and a full compile asks for a pick chain's name once per service port:
-    /// computed each time, that cost a third more on 10,000 services. The set of keys is
-    /// bounded by the largest endpoint count.
+    /// computed each time, that cost about a quarter more on 10,000 services (criterion
+    /// `nft_compile_full/10000`: 388 vs 314 ms). The set of keys is bounded by the largest
+    /// endpoint count.
     static CHAIN_NAMES: RefCell<HashMap<NameKey, String>> = RefCell::new(HashMap::new());
 }
 
