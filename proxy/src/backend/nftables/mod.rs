@@ -111,11 +111,13 @@ impl NftBackend {
     }
 
     fn full_sync(&mut self, plan: &Plan, config: &NodeConfig) -> Result<usize, NftError> {
+        // What the kernel's interval sets hold, if the last sync succeeded (`full_split`).
+        let held = self.in_sync.then(|| self.families.each_ref().map(FamilyState::range_elements));
         self.rebuild(plan, config);
         let netlink = self.elements.is_some();
         let (mut before, mut after) = (String::new(), String::new());
         let mut batches = Vec::new();
-        for st in &self.families {
+        for (i, st) in self.families.iter().enumerate() {
             let fam = st.fam();
             let (have_chains, have_sets) = kernel_names(self.runner.as_mut(), fam)?;
             let (want_chains, want_sets) = st.wanted_names(config);
@@ -124,7 +126,14 @@ impl NftBackend {
             // Also when out of sync (start, adoption, a failed sync): a kept chain's name says
             // what it holds.
             let keep = st.kept_chains(&have_chains);
-            let (split, flush) = st.full_split(config, &stale_chains, &stale_sets, keep, netlink);
+            // A set missing from the kernel (a table deleted by hand) is created and filled.
+            let ranges = held.as_ref().map(|h| {
+                let mut r = h[i].clone();
+                r.retain(|set, _| have_sets.contains(*set));
+                r
+            });
+            let (split, flush) =
+                st.full_split(config, &stale_chains, &stale_sets, keep, ranges.as_ref(), netlink);
             before.push_str(&split.before);
             after.push_str(&split.after);
             batches.push((fam, flush, split.netlink));

@@ -173,8 +173,14 @@ pub struct Split {
 }
 
 /// Sets whose elements are ranges; nft computes their intervals, so they stay with nft.
+/// The sets with `flags interval`: their elements are prefixes and ranges.
+const INTERVAL_SETS: [&str; 3] = ["service_cidrs", "pod_cidrs", "firewall_allow"];
+
+/// Elements of the interval sets, by set name.
+pub type RangeElements = BTreeMap<&'static str, BTreeSet<String>>;
+
 pub fn is_interval(set: &SetRef) -> bool {
-    matches!(set, SetRef::Fixed("service_cidrs" | "pod_cidrs" | "firewall_allow"))
+    matches!(set, SetRef::Fixed(name) if INTERVAL_SETS.contains(name))
 }
 
 fn write_elements(out: &mut String, verb: &str, table: &str, set: &SetRef, items: &[String]) {
@@ -403,22 +409,33 @@ impl FamilyState {
 
     /// A script that makes the kernel table equal to this state whatever it held before,
     /// in one transaction: declarations are idempotent `add`s, static chains and non-dynamic
-    /// sets are flushed and refilled, affinity sets keep their entries, and objects ferry no
+    /// sets are flushed and refilled (interval sets too: their content is unknown here),
+    /// affinity sets keep their entries, and objects ferry no
     /// longer wants (`stale_chains`, `stale_sets`, read from the kernel) are deleted last.
     pub fn full_script(&self, config: &NodeConfig, stale_chains: &[String], stale_sets: &[String]) -> String {
-        let (split, _) = self.full_split(config, stale_chains, stale_sets, BTreeSet::new(), false);
+        let (split, _) = self.full_split(config, stale_chains, stale_sets, BTreeSet::new(), None, false);
         split.before + &split.after
     }
 
     /// [`Self::full_script`] cut for the netlink path; also returns the sets the netlink batch
     /// must flush before refilling them (in the same kernel transaction as the refill, so
     /// no packet sees them empty). Chains in `keep` are left as they are in the kernel.
+    ///
+    /// `ranges`: what the kernel's interval sets hold, when known (the last sync succeeded).
+    /// They then get only their changes. Flushing an interval set and adding the same
+    /// elements back is atomic in principle, but on Linux 6.1 a lookup in it (rbtree, or pipapo
+    /// for concatenations) can miss while such a transaction commits: a pod's connection to a
+    /// ClusterIP was masqueraded (the local-traffic detector missed) and a new connection from
+    /// inside a LoadBalancer's source ranges dropped (`nftables_transactions::
+    /// full_syncs_never_make_an_address_range_lookup_miss`). Unknown (start, a failed sync):
+    /// flushed and refilled.
     pub fn full_split(
         &self,
         config: &NodeConfig,
         stale_chains: &[String],
         stale_sets: &[String],
         keep: BTreeSet<String>,
+        ranges: Option<&RangeElements>,
         netlink: bool,
     ) -> (Split, Vec<String>) {
         let fam = self.fam;
@@ -429,9 +446,9 @@ impl FamilyState {
         for s in layout::sets(fam) {
             let kind = if s.is_map { "map" } else { "set" };
             let _ = writeln!(out, "add {kind} {t} {} {{ {} }}", s.name, s.body);
-            if netlink && !is_interval(&SetRef::Fixed(s.name)) {
+            if !is_interval(&SetRef::Fixed(s.name)) && netlink {
                 flush_by_netlink.push(s.name.to_owned());
-            } else {
+            } else if !is_interval(&SetRef::Fixed(s.name)) || ranges.is_none() {
                 let _ = writeln!(out, "flush {kind} {t} {}", s.name);
             }
         }
@@ -476,14 +493,27 @@ impl FamilyState {
                 tx.chains_written.push((ch.name.clone(), ch.rules.clone(), true));
             }
         }
-        for (set, members) in &self.owners {
+        let wanted_ranges = self.range_elements();
+        for (set, members) in self.owners.iter().filter(|(set, _)| !is_interval(set)) {
             let mut elements: Vec<String> =
                 members.iter().map(|(key, claims)| element_text(key, &claims.first.1)).collect();
             elements.sort_unstable();
             tx.elements_added.entry(*set).or_default().extend(elements);
         }
-        for (set, members) in &self.globals {
+        for (set, members) in self.globals.iter().filter(|(set, _)| !is_interval(&SetRef::Fixed(set))) {
             tx.elements_added.entry(SetRef::Fixed(set)).or_default().extend(members.iter().cloned());
+        }
+        let nothing = BTreeSet::new();
+        for (set, wanted) in &wanted_ranges {
+            let held = ranges.map_or(&nothing, |r| r.get(set).unwrap_or(&nothing));
+            let gone: Vec<String> = held.difference(wanted).cloned().collect();
+            if !gone.is_empty() {
+                tx.elements_deleted.insert(SetRef::Fixed(set), gone);
+            }
+            let new: Vec<String> = wanted.difference(held).cloned().collect();
+            if !new.is_empty() {
+                tx.elements_added.insert(SetRef::Fixed(set), new);
+            }
         }
         tx.chains_deleted = stale_chains.to_vec();
         tx.sets_deleted = stale_sets.to_vec();
@@ -491,6 +521,21 @@ impl FamilyState {
         out.push_str(&split.before);
         split.before = out;
         (split, flush_by_netlink)
+    }
+
+    /// The elements of the interval sets ([`is_interval`]) in this state, by set.
+    pub fn range_elements(&self) -> RangeElements {
+        let mut out = RangeElements::new();
+        for set in INTERVAL_SETS {
+            let members = out.entry(set).or_default();
+            if let Some(owned) = self.owners.get(&SetRef::Fixed(set)) {
+                members.extend(owned.iter().map(|(key, claims)| element_text(key, &claims.first.1)));
+            }
+            if let Some(global) = self.globals.get(set) {
+                members.extend(global.iter().cloned());
+            }
+        }
+        out
     }
 
     /// The endpoint-choosing chains (pick, slot and affinity chains) that a full sync leaves
