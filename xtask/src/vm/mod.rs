@@ -38,6 +38,7 @@ pub const DEFAULT_SUITES: &[&str] = &[
     "conntrack_e2e",
     "ops_e2e",
     "nftables_transactions",
+    "full_sync_lookups --include-ignored",
     "ipvs_kernel --include-ignored",
     "ebpf_smoke",
     "ebpf_datapath",
@@ -48,8 +49,8 @@ pub const DEFAULT_SUITES: &[&str] = &[
 /// has, the shared e2e suite with nftables and eBPF on 6.1 (eBPF there attaches through
 /// netlink cls_bpf filters: no TCX before 6.6), the eBPF programs through the 6.1 verifier
 /// (`ebpf_traffic` includes `--bypass-netfilter`), leaving out the per-packet timing bound,
-/// which emulation cannot meet (docs/vm.md), and the nftables backend's interval-set lookups
-/// under full syncs. `e2e ebpf_bypass::` is not among them: docs/vm.md says why. About 25
+/// which emulation cannot meet (docs/vm.md), and the interval-set lookups of the nftables and
+/// IPVS backends under full syncs. `e2e ebpf_bypass::` is not among them: docs/vm.md says why. About 25
 /// minutes under TCG.
 pub const CI_SUITES: &[&str] = &[
     "ipvs_kernel --include-ignored",
@@ -59,8 +60,8 @@ pub const CI_SUITES: &[&str] = &[
     "ebpf_datapath --skip a_program_run_costs_little_with_ten_thousand_services",
     "ebpf_smoke",
     "ebpf_traffic",
-    // Interval-set lookups during full syncs: 6.1 is the kernel that missed (about 50 s).
-    "nftables_transactions full_syncs_never_make_an_address_range_lookup_miss",
+    // Interval-set lookups during full syncs: 6.1 is the kernel that missed.
+    "full_sync_lookups --include-ignored",
 ];
 
 /// Checks that the guest is what the tests expect, before any suite runs.

@@ -16,13 +16,17 @@
 //! - loadBalancerSourceRanges: new connections to a guarded LoadBalancer frontend from
 //!   outside the ranges are dropped.
 //!
-//! Every frontend set is keyed by `addr . proto . port`, as in the nftables backend. The
-//! table is rewritten whole by a full sync (one `nft -f` transaction, so packets see the old
-//! or the new table); incremental syncs add and delete elements only.
+//! Every frontend set is keyed by `addr . proto . port`, as in the nftables backend. A full
+//! sync rewrites the table in one `nft -f` transaction: replaced whole when ferry does not know
+//! what it holds (start, after a failure), otherwise in place with only the changes of the
+//! interval sets ([`refresh_script`] says why). Incremental syncs add and delete elements only.
 
 use std::fmt::Write as _;
 
+use std::collections::BTreeSet;
+
 use crate::backend::nftables::family::{self, Fam};
+use crate::backend::nftables::layout::INTERVAL_SETS;
 use crate::model::IpFamily;
 use crate::plan::{NodeConfig, Plan};
 
@@ -181,15 +185,59 @@ pub fn full_script(family: IpFamily, config: &NodeConfig, elements: &[&Element])
         let _ = writeln!(s, "\t}}");
     }
     s.push_str("}\n");
+    write_elements(&mut s, ip, "add", elements.iter().copied().filter(|e| e.family == family));
+    s
+}
+
+/// `add element` (with values) or `delete element` (keys) lines, a thousand elements a line.
+fn write_elements<'a>(s: &mut String, ip: &str, verb: &str, elements: impl Iterator<Item = &'a Element>) {
     let mut by_set: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
-    for e in elements.iter().filter(|e| e.family == family) {
-        by_set.entry(e.set).or_default().push(e.text());
+    for e in elements {
+        by_set.entry(e.set).or_default().push(if verb == "add" { e.text() } else { e.key.clone() });
     }
     for (set, items) in by_set {
         for chunk in items.chunks(1000) {
-            let _ = writeln!(s, "add element {ip} {TABLE} {set} {{ {} }}", chunk.join(", "));
+            let _ = writeln!(s, "{verb} element {ip} {TABLE} {set} {{ {} }}", chunk.join(", "));
         }
     }
+}
+
+/// The whole table of one family, rewritten in place in one transaction, for a table that
+/// `held` describes (the last sync succeeded): chains and exact-match sets are flushed and
+/// refilled, the interval sets ([`INTERVAL_SETS`]) get only their changes. Flushing and
+/// refilling an interval set, or replacing it by a new one as `full_script` does, lets lookups
+/// in it miss while the transaction commits (Linux 6.1; the nftables backend's README.md,
+/// "Transactions"): a new connection from inside a LoadBalancer's source ranges was dropped.
+/// Nothing is declared: if the table is gone the script fails, and the full sync after that
+/// failure recreates it with `full_script`.
+pub fn refresh_script(
+    family: IpFamily,
+    config: &NodeConfig,
+    elements: &[&Element],
+    held: &[Element],
+) -> String {
+    let fam = family::Fam::of(family);
+    let ip = fam.ip;
+    let mut s = String::new();
+    for (name, _) in sets(fam).into_iter().filter(|(name, _)| !INTERVAL_SETS.contains(name)) {
+        let _ = writeln!(s, "flush set {ip} {TABLE} {name}");
+    }
+    for (name, _) in maps(fam) {
+        let _ = writeln!(s, "flush map {ip} {TABLE} {name}");
+    }
+    for (name, _, rules) in chains(fam, config) {
+        let _ = writeln!(s, "flush chain {ip} {TABLE} {name}");
+        for r in rules {
+            let _ = writeln!(s, "add rule {ip} {TABLE} {name} {r}");
+        }
+    }
+    let of_family = |e: &&Element| e.family == family;
+    let held: BTreeSet<&Element> = held.iter().filter(of_family).collect();
+    let wanted: BTreeSet<&Element> = elements.iter().copied().filter(of_family).collect();
+    let gone = held.iter().copied().filter(|e| INTERVAL_SETS.contains(&e.set) && !wanted.contains(e));
+    write_elements(&mut s, ip, "delete", gone);
+    let added = wanted.iter().copied().filter(|e| !INTERVAL_SETS.contains(&e.set) || !held.contains(e));
+    write_elements(&mut s, ip, "add", added);
     s
 }
 

@@ -150,6 +150,8 @@ pub struct IpvsBackend {
     /// False until a full sync succeeded, and again after a failure: the kernel may then
     /// differ from `state`, so the next sync reconciles everything.
     in_sync: bool,
+    /// The plan-wide elements (ClusterIPs, service and pod CIDRs) of the last full sync.
+    globals: Vec<filter::Element>,
     /// The configuration of the last sync: NodePort services follow the node's addresses,
     /// which are not part of the plan.
     last_config: Option<NodeConfig>,
@@ -169,6 +171,7 @@ impl IpvsBackend {
             addresses: None,
             sysctls_pending: true,
             state: State::default(),
+            globals: Vec::new(),
             in_sync: false,
             last_config: None,
         })
@@ -188,6 +191,7 @@ impl IpvsBackend {
             addresses: Some(addresses),
             sysctls_pending: false,
             state: State::default(),
+            globals: Vec::new(),
             in_sync: false,
             last_config: None,
         }
@@ -228,12 +232,22 @@ impl IpvsBackend {
 
     fn full_sync(&mut self, plan: &Plan, config: &NodeConfig) -> Result<usize, IpvsError> {
         let new = State::build(plan, config, &self.options.scheduler, &self.state);
+        // What the table holds, when known: it is then rewritten in place (`refresh_script`).
+        let held: Option<Vec<filter::Element>> = self
+            .in_sync
+            .then(|| self.state.all_elements().into_iter().chain(&self.globals).cloned().collect());
         let mut script = String::new();
+        let mut globals = Vec::new();
         for family in IpFamily::ALL {
-            let globals = filter::global_elements(plan, config, family);
+            globals.extend(filter::global_elements(plan, config, family));
+        }
+        for family in IpFamily::ALL {
             let mut elements = new.all_elements();
             elements.extend(globals.iter());
-            script.push_str(&filter::full_script(family, config, &elements));
+            script.push_str(&match &held {
+                Some(held) => filter::refresh_script(family, config, &elements, held),
+                None => filter::full_script(family, config, &elements),
+            });
         }
         let timeouts = self.options.timeouts;
         let exclude_cidrs = self.options.exclude_cidrs.clone();
@@ -294,6 +308,7 @@ impl IpvsBackend {
             ops += 1;
         }
         self.state = new;
+        self.globals = globals;
         Ok(ops)
     }
 

@@ -776,3 +776,43 @@ fn stale_services_in_excluded_cidrs_survive_full_syncs_and_cleanup_while_others_
     let left: Vec<ServiceKey> = rig.ipvs.get().table.keys().copied().collect();
     assert_eq!(left, vec![kept_dummy, kept_node], "cleanup spares excludeCIDRs too");
 }
+
+/// Once a sync succeeded, a full sync rewrites the table in place and gives the interval sets
+/// only their changes: deleting the table or flushing one of them made lookups miss on 6.1.
+#[test]
+fn a_full_sync_after_a_successful_one_changes_only_what_changed_in_the_interval_sets() {
+    let mut rig = Rig::new();
+    let mut lb = port("lb", "10.96.0.10", &["10.0.1.10:8080"]);
+    lb.load_balancer_ips = vec![ip("198.18.0.1")];
+    lb.source_ranges = vec!["198.51.100.0/24".parse().expect("cidr")];
+    let first = plan(&[lb.clone()]);
+    rig.sync(&first, None);
+    assert!(
+        rig.nft.get().0[0].contains("delete table ip ferry_ipvs"),
+        "the first full sync replaces the table"
+    );
+
+    lb.source_ranges.push("203.0.113.0/24".parse().expect("cidr"));
+    let second = plan(&[lb]);
+    assert!(rig.sync(&second, None).full);
+    let script = rig.nft.get().0[1].clone();
+    assert!(!script.contains("delete table") && !script.contains("table ip ferry_ipvs {"), "{script}");
+    for set in ["pod_cidrs", "service_cidrs", "firewall_allow"] {
+        assert!(!script.contains(&format!("flush set ip ferry_ipvs {set}")), "{set} flushed:\n{script}");
+    }
+    assert!(script.contains("flush set ip ferry_ipvs frontends"), "{script}");
+    assert!(script.contains("flush chain ip ferry_ipvs firewall_check"), "{script}");
+    let firewall_allow: Vec<&str> = script.lines().filter(|l| l.contains(" firewall_allow ")).collect();
+    assert_eq!(
+        firewall_allow,
+        vec!["add element ip ferry_ipvs firewall_allow { 198.18.0.1 . tcp . 80 . 203.0.113.0/24 }"],
+        "{script}"
+    );
+    assert!(!script.contains("pod_cidrs {"), "pod_cidrs did not change:\n{script}");
+
+    // A failed sync: the next full sync cannot know the table and replaces it again.
+    rig.nft.get().1 = true;
+    assert!(rig.backend.sync(&second, None, &config()).is_err());
+    rig.sync(&second, None);
+    assert!(rig.nft.get().0.last().expect("script").contains("delete table ip ferry_ipvs"));
+}

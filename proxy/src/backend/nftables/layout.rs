@@ -10,6 +10,11 @@ use crate::plan::NodeConfig;
 /// during a migration).
 pub const MASQ_MARK: u32 = 0x4000;
 
+/// The sets with `flags interval` (elements are prefixes and ranges), of this table and of
+/// the IPVS backend's. A full sync that knows what they hold writes only their changes:
+/// flushing and refilling one made Linux 6.1's lookups in it miss (README.md, "Transactions").
+pub const INTERVAL_SETS: [&str; 3] = ["service_cidrs", "pod_cidrs", "firewall_allow"];
+
 pub struct SetDecl {
     pub name: &'static str,
     /// Body of the declaration between the braces.

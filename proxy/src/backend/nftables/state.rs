@@ -173,14 +173,11 @@ pub struct Split {
 }
 
 /// Sets whose elements are ranges; nft computes their intervals, so they stay with nft.
-/// The sets with `flags interval`: their elements are prefixes and ranges.
-const INTERVAL_SETS: [&str; 3] = ["service_cidrs", "pod_cidrs", "firewall_allow"];
-
 /// Elements of the interval sets, by set name.
 pub type RangeElements = BTreeMap<&'static str, BTreeSet<String>>;
 
 pub fn is_interval(set: &SetRef) -> bool {
-    matches!(set, SetRef::Fixed(name) if INTERVAL_SETS.contains(name))
+    matches!(set, SetRef::Fixed(name) if layout::INTERVAL_SETS.contains(name))
 }
 
 fn write_elements(out: &mut String, verb: &str, table: &str, set: &SetRef, items: &[String]) {
@@ -426,8 +423,7 @@ impl FamilyState {
     /// elements back is atomic in principle, but on Linux 6.1 a lookup in it (rbtree, or pipapo
     /// for concatenations) can miss while such a transaction commits: a pod's connection to a
     /// ClusterIP was masqueraded (the local-traffic detector missed) and a new connection from
-    /// inside a LoadBalancer's source ranges dropped (`nftables_transactions::
-    /// full_syncs_never_make_an_address_range_lookup_miss`). Unknown (start, a failed sync):
+    /// inside a LoadBalancer's source ranges dropped (kernel test `full_sync_lookups`). Unknown (start, a failed sync):
     /// flushed and refilled.
     pub fn full_split(
         &self,
@@ -526,7 +522,7 @@ impl FamilyState {
     /// The elements of the interval sets ([`is_interval`]) in this state, by set.
     pub fn range_elements(&self) -> RangeElements {
         let mut out = RangeElements::new();
-        for set in INTERVAL_SETS {
+        for set in layout::INTERVAL_SETS {
             let members = out.entry(set).or_default();
             if let Some(owned) = self.owners.get(&SetRef::Fixed(set)) {
                 members.extend(owned.iter().map(|(key, claims)| element_text(key, &claims.first.1)));
