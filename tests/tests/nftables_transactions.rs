@@ -298,3 +298,42 @@ fn neither_a_full_sync_nor_a_restart_rewrites_the_chains_that_choose_endpoints()
     }
     restarted.cleanup().expect("cleanup");
 }
+
+/// The elements of one set of ferry's IPv4 table, as nft lists them.
+fn set_elements(ns: &Netns, set: &str) -> String {
+    let out = ns.exec(&["nft", "list", "set", "ip", "ferry", set]).expect("list set");
+    out.lines().filter(|l| l.contains("elements")).collect::<Vec<_>>().join("\n")
+}
+
+/// A full sync gives the interval sets only their changes, but `pod_cidrs` and `service_cidrs`
+/// are `auto-merge` sets: two adjacent prefixes are one range in the kernel, from which nft
+/// cannot delete one of them. A change of the list is accepted and leaves exactly the new one.
+#[test]
+fn a_changed_cluster_cidr_list_replaces_merged_ranges() {
+    let sb = Sandbox::new("nft-merged").expect("sandbox");
+    let ns = sb.netns("node").expect("netns");
+    let options = BackendOptions { netns: Some(ns.name().to_owned()), ..BackendOptions::default() };
+    let mut backend = build(BackendKind::Nftables, &options).expect("backend");
+    let store = Store::new();
+    let mut planner = Planner::new();
+    let cidrs = |list: &[&str]| NodeConfig::for_test("node", &["192.168.0.10"], list);
+    let steps: [(&[&str], &str); 3] = [
+        (&["10.1.0.0/16", "10.2.0.0/16"], "10.1.0.0-10.2.255.255"),
+        (&["10.1.0.0/16"], "10.1.0.0/16"),
+        (&["10.1.0.0/16", "10.2.0.0/16", "10.4.0.0/16"], "10.1.0.0-10.2.255.255, 10.4.0.0/16"),
+    ];
+    for (list, listed) in steps {
+        let cfg = cidrs(list);
+        planner.update(&store, &cfg, &Default::default());
+        let report = backend
+            .sync(planner.plan(), None, &cfg)
+            .unwrap_or_else(|e| panic!("full sync with {list:?}: {e}"));
+        assert!(report.full);
+        let elements = set_elements(&ns, "pod_cidrs");
+        assert!(
+            elements.contains(&format!("{{ {listed} }}")),
+            "cluster CIDRs {list:?}: pod_cidrs holds {elements}"
+        );
+    }
+    backend.cleanup().expect("cleanup");
+}

@@ -26,7 +26,7 @@ use std::fmt::Write as _;
 use std::collections::BTreeSet;
 
 use crate::backend::nftables::family::{self, Fam};
-use crate::backend::nftables::layout::INTERVAL_SETS;
+use crate::backend::nftables::layout::{AUTO_MERGED, INTERVAL_SETS};
 use crate::model::IpFamily;
 use crate::plan::{NodeConfig, Plan};
 
@@ -204,7 +204,8 @@ fn write_elements<'a>(s: &mut String, ip: &str, verb: &str, elements: impl Itera
 
 /// The whole table of one family, rewritten in place in one transaction, for a table that
 /// `held` describes (the last sync succeeded): chains and exact-match sets are flushed and
-/// refilled, the interval sets ([`INTERVAL_SETS`]) get only their changes. Flushing and
+/// refilled, the interval sets ([`INTERVAL_SETS`]) get only their changes (an `auto-merge` one
+/// that changed is refilled: [`AUTO_MERGED`]). Flushing and
 /// refilling an interval set, or replacing it by a new one as `full_script` does, lets lookups
 /// in it miss while the transaction commits (Linux 6.1; the nftables backend's README.md,
 /// "Transactions"): a new connection from inside a LoadBalancer's source ranges was dropped.
@@ -232,8 +233,14 @@ pub fn refresh_script(
         }
     }
     let of_family = |e: &&Element| e.family == family;
-    let held: BTreeSet<&Element> = held.iter().filter(of_family).collect();
     let wanted: BTreeSet<&Element> = elements.iter().copied().filter(of_family).collect();
+    let mut held: BTreeSet<&Element> = held.iter().filter(of_family).collect();
+    for set in AUTO_MERGED {
+        if !held.iter().filter(|e| e.set == set).eq(wanted.iter().filter(|e| e.set == set)) {
+            let _ = writeln!(s, "flush set {ip} {TABLE} {set}");
+            held.retain(|e| e.set != set);
+        }
+    }
     let gone = held.iter().copied().filter(|e| INTERVAL_SETS.contains(&e.set) && !wanted.contains(e));
     write_elements(&mut s, ip, "delete", gone);
     let added = wanted.iter().copied().filter(|e| !INTERVAL_SETS.contains(&e.set) || !held.contains(e));

@@ -780,7 +780,7 @@ fn stale_services_in_excluded_cidrs_survive_full_syncs_and_cleanup_while_others_
 /// Once a sync succeeded, a full sync rewrites the table in place and gives the interval sets
 /// only their changes: deleting the table or flushing one of them made lookups miss on 6.1.
 #[test]
-fn a_full_sync_after_a_successful_one_changes_only_what_changed_in_the_interval_sets() {
+fn a_full_sync_after_a_successful_one_rewrites_the_table_in_place_and_only_changed_interval_sets() {
     let mut rig = Rig::new();
     let mut lb = port("lb", "10.96.0.10", &["10.0.1.10:8080"]);
     lb.load_balancer_ips = vec![ip("198.18.0.1")];
@@ -809,6 +809,19 @@ fn a_full_sync_after_a_successful_one_changes_only_what_changed_in_the_interval_
         "{script}"
     );
     assert!(!script.contains("pod_cidrs {"), "pod_cidrs did not change:\n{script}");
+
+    // An `auto-merge` set that changes is refilled: nft cannot delete a prefix the kernel
+    // merged into a range.
+    let mut wider = config();
+    wider.cluster_cidrs.push("10.1.0.0/16".parse().expect("cidr"));
+    rig.backend.sync(&second, None, &wider).expect("sync");
+    let script = rig.nft.get().0.last().expect("script").clone();
+    assert!(script.contains("flush set ip ferry_ipvs pod_cidrs\n"), "{script}");
+    assert!(script.contains("add element ip ferry_ipvs pod_cidrs { 10.0.0.0/16, 10.1.0.0/16 }"), "{script}");
+    assert!(
+        !script.contains("element ip ferry_ipvs firewall_allow"),
+        "firewall_allow did not change:\n{script}"
+    );
 
     // A failed sync: the next full sync cannot know the table and replaces it again.
     rig.nft.get().1 = true;

@@ -15,6 +15,11 @@ pub const MASQ_MARK: u32 = 0x4000;
 /// flushing and refilling one made Linux 6.1's lookups in it miss (README.md, "Transactions").
 pub const INTERVAL_SETS: [&str; 3] = ["service_cidrs", "pod_cidrs", "firewall_allow"];
 
+/// The interval sets declared `auto-merge`: the kernel may hold two adjacent prefixes as one
+/// range, from which nft cannot delete one of them ("element does not exist"), so a change to
+/// one of these is a flush and refill rather than a difference.
+pub const AUTO_MERGED: [&str; 2] = ["service_cidrs", "pod_cidrs"];
+
 pub struct SetDecl {
     pub name: &'static str,
     /// Body of the declaration between the braces.

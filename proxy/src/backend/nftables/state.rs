@@ -419,7 +419,8 @@ impl FamilyState {
     /// no packet sees them empty). Chains in `keep` are left as they are in the kernel.
     ///
     /// `ranges`: what the kernel's interval sets hold, when known (the last sync succeeded).
-    /// They then get only their changes. Flushing an interval set and adding the same
+    /// They then get only their changes (an `auto-merge` set that changed is refilled:
+    /// [`layout::AUTO_MERGED`]). Flushing an interval set and adding the same
     /// elements back is atomic in principle, but on Linux 6.1 a lookup in it (rbtree, or pipapo
     /// for concatenations) can miss while such a transaction commits: a pod's connection to a
     /// ClusterIP was masqueraded (the local-traffic detector missed) and a new connection from
@@ -501,7 +502,12 @@ impl FamilyState {
         }
         let nothing = BTreeSet::new();
         for (set, wanted) in &wanted_ranges {
-            let held = ranges.map_or(&nothing, |r| r.get(set).unwrap_or(&nothing));
+            let held = ranges.and_then(|r| r.get(set));
+            let refill = held.is_some_and(|h| h != wanted && layout::AUTO_MERGED.contains(set));
+            if refill {
+                let _ = writeln!(out, "flush set {t} {set}");
+            }
+            let held = if refill { &nothing } else { held.unwrap_or(&nothing) };
             let gone: Vec<String> = held.difference(wanted).cloned().collect();
             if !gone.is_empty() {
                 tx.elements_deleted.insert(SetRef::Fixed(set), gone);
