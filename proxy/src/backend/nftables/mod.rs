@@ -4,12 +4,13 @@ pub mod compile;
 pub mod family;
 pub mod layout;
 pub mod netlink;
+pub mod ranges;
 pub mod runner;
 pub mod state;
 
 use std::collections::BTreeSet;
 
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{Backend, BackendError, SyncReport};
 use crate::plan::{NodeConfig, Plan, PlanDiff, PortKey, ServicePortPlan};
@@ -111,8 +112,9 @@ impl NftBackend {
     }
 
     fn full_sync(&mut self, plan: &Plan, config: &NodeConfig) -> Result<usize, NftError> {
-        // What the kernel's interval sets hold, if the last sync succeeded (`full_split`).
-        let held = self.in_sync.then(|| self.families.each_ref().map(FamilyState::range_elements));
+        // What the kernel's interval sets hold (`full_split` says why it matters): known if the
+        // last sync succeeded, else read back from the kernel.
+        let remembered = self.in_sync.then(|| self.families.each_ref().map(FamilyState::range_elements));
         self.rebuild(plan, config);
         let netlink = self.elements.is_some();
         let (mut before, mut after) = (String::new(), String::new());
@@ -126,12 +128,22 @@ impl NftBackend {
             // Also when out of sync (start, adoption, a failed sync): a kept chain's name says
             // what it holds.
             let keep = st.kept_chains(&have_chains);
-            // A set missing from the kernel (a table deleted by hand) is created and filled.
-            let ranges = held.as_ref().map(|h| {
-                let mut r = h[i].clone();
-                r.retain(|set, _| have_sets.contains(*set));
-                r
-            });
+            let ranges = match &remembered {
+                // A set missing from the kernel (a table deleted by hand) is created and filled.
+                Some(r) => Some(
+                    r[i].iter()
+                        .filter(|(set, _)| have_sets.contains(**set))
+                        .map(|(s, e)| (*s, e.clone()))
+                        .collect(),
+                ),
+                None => match ranges::read(self.runner.as_mut(), fam, &have_sets, &st.range_elements()) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        warn!(error = %e, "cannot read the interval sets back: they are flushed and refilled");
+                        None
+                    }
+                },
+            };
             let (split, flush) =
                 st.full_split(config, &stale_chains, &stale_sets, keep, ranges.as_ref(), netlink);
             before.push_str(&split.before);
