@@ -337,3 +337,34 @@ fn a_changed_cluster_cidr_list_replaces_merged_ranges() {
     }
     backend.cleanup().expect("cleanup");
 }
+
+/// Periodic full syncs give the interval sets only their changes, from what ferry remembers,
+/// so they leave a hand edit of them alone; a restarted ferry reads them back and repairs it.
+#[test]
+fn a_restart_reads_the_interval_sets_back_and_repairs_a_hand_edit() {
+    let sb = Sandbox::new("nft-readback").expect("sandbox");
+    let ns = sb.netns("node").expect("netns");
+    let options = BackendOptions { netns: Some(ns.name().to_owned()), ..BackendOptions::default() };
+    let mut backend = build(BackendKind::Nftables, &options).expect("backend");
+    let store = Store::new();
+    let mut planner = Planner::new();
+    let cfg = NodeConfig::for_test("node", &["192.168.0.10"], &["10.0.0.0/16"]);
+    planner.update(&store, &cfg, &Default::default());
+    backend.sync(planner.plan(), None, &cfg).expect("first full sync");
+    assert!(set_elements(&ns, "pod_cidrs").contains("{ 10.0.0.0/16 }"));
+    let stray = "198.18.0.9 . tcp . 80 . 10.9.0.0-10.9.0.5";
+    ns.exec(&["nft", "delete", "element", "ip", "ferry", "pod_cidrs", "{ 10.0.0.0/16 }"])
+        .expect("hand delete");
+    ns.exec(&["nft", "add", "element", "ip", "ferry", "firewall_allow", &format!("{{ {stray} }}")])
+        .expect("hand add");
+
+    backend.sync(planner.plan(), None, &cfg).expect("periodic full sync");
+    assert_eq!(set_elements(&ns, "pod_cidrs"), "", "a periodic full sync rewrote pod_cidrs");
+    assert!(set_elements(&ns, "firewall_allow").contains("10.9.0.0-10.9.0.5"));
+
+    let mut restarted = build(BackendKind::Nftables, &options).expect("backend");
+    restarted.sync(planner.plan(), None, &cfg).expect("full sync of a restarted ferry");
+    assert!(set_elements(&ns, "pod_cidrs").contains("{ 10.0.0.0/16 }"), "pod_cidrs not repaired");
+    assert_eq!(set_elements(&ns, "firewall_allow"), "", "the hand-added element stayed");
+    restarted.cleanup().expect("cleanup");
+}

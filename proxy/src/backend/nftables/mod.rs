@@ -43,6 +43,10 @@ pub struct NftBackend {
     /// then differ from what ferry believes, so the next sync is a full one (which still keeps
     /// the endpoint-choosing chains it finds: their names say what they hold).
     in_sync: bool,
+    /// The last sync failed: the next full sync flushes and refills the interval sets rather
+    /// than reading them back, so that an element it cannot delete by its listed text (a hand
+    /// edit) costs one failed sync, not every one after it.
+    failed: bool,
 }
 
 impl NftBackend {
@@ -53,6 +57,7 @@ impl NftBackend {
             elements: None,
             families: [FamilyState::new(family::V4), FamilyState::new(family::V6)],
             in_sync: false,
+            failed: false,
         }
     }
 
@@ -113,7 +118,8 @@ impl NftBackend {
 
     fn full_sync(&mut self, plan: &Plan, config: &NodeConfig) -> Result<usize, NftError> {
         // What the kernel's interval sets hold (`full_split` says why it matters): known if the
-        // last sync succeeded, else read back from the kernel.
+        // last sync succeeded, else read back from the kernel (start, adoption), unless the
+        // last sync failed.
         let remembered = self.in_sync.then(|| self.families.each_ref().map(FamilyState::range_elements));
         self.rebuild(plan, config);
         let netlink = self.elements.is_some();
@@ -136,6 +142,7 @@ impl NftBackend {
                         .map(|(s, e)| (*s, e.clone()))
                         .collect(),
                 ),
+                None if self.failed => None,
                 None => match ranges::read(self.runner.as_mut(), fam, &have_sets, &st.range_elements()) {
                     Ok(r) => Some(r),
                     Err(e) => {
@@ -282,6 +289,7 @@ impl Backend for NftBackend {
             _ => self.full_sync(plan, config),
         });
         self.in_sync = report.is_ok();
+        self.failed = report.is_err();
         Ok(report?)
     }
 

@@ -172,10 +172,10 @@ pub struct Split {
     pub after: String,
 }
 
-/// Sets whose elements are ranges; nft computes their intervals, so they stay with nft.
 /// Elements of the interval sets, by set name.
 pub type RangeElements = BTreeMap<&'static str, BTreeSet<String>>;
 
+/// Sets whose elements are ranges; nft computes their intervals, so they stay with nft.
 pub fn is_interval(set: &SetRef) -> bool {
     matches!(set, SetRef::Fixed(name) if layout::INTERVAL_SETS.contains(name))
 }
@@ -407,8 +407,8 @@ impl FamilyState {
     /// A script that makes the kernel table equal to this state whatever it held before,
     /// in one transaction: declarations are idempotent `add`s, static chains and non-dynamic
     /// sets are flushed and refilled (interval sets too: their content is unknown here),
-    /// affinity sets keep their entries, and objects ferry no
-    /// longer wants (`stale_chains`, `stale_sets`, read from the kernel) are deleted last.
+    /// affinity sets keep their entries, and objects ferry no longer wants (`stale_chains`,
+    /// `stale_sets`, read from the kernel) are deleted last.
     pub fn full_script(&self, config: &NodeConfig, stale_chains: &[String], stale_sets: &[String]) -> String {
         let (split, _) = self.full_split(config, stale_chains, stale_sets, BTreeSet::new(), None, false);
         split.before + &split.after
@@ -418,13 +418,13 @@ impl FamilyState {
     /// must flush before refilling them (in the same kernel transaction as the refill, so
     /// no packet sees them empty). Chains in `keep` are left as they are in the kernel.
     ///
-    /// `ranges`: what the kernel's interval sets hold, when known (the last sync succeeded).
-    /// They then get only their changes (an `auto-merge` set that changed is refilled:
+    /// `ranges`: what the kernel's interval sets hold, when known (remembered from the last
+    /// sync, or read back: `NftBackend::full_sync`). They then get only their changes (an `auto-merge` set that changed is refilled:
     /// [`layout::AUTO_MERGED`]). Flushing an interval set and adding the same
     /// elements back is atomic in principle, but on Linux 6.1 a lookup in it (rbtree, or pipapo
     /// for concatenations) can miss while such a transaction commits: a pod's connection to a
     /// ClusterIP was masqueraded (the local-traffic detector missed) and a new connection from
-    /// inside a LoadBalancer's source ranges dropped (kernel test `full_sync_lookups`). Unknown (start, a failed sync):
+    /// inside a LoadBalancer's source ranges dropped (kernel test `full_sync_lookups`). `None`:
     /// flushed and refilled.
     pub fn full_split(
         &self,
