@@ -552,31 +552,34 @@ impl FamilyState {
     /// syncs; leaving either the pick or the slot chains alone made it disappear). Static
     /// chains are still rewritten, which keeps the hooks repaired; they never showed it.
     pub fn kept_chains(&self, have: &BTreeSet<String>) -> BTreeSet<String> {
-        let fam = self.fam;
-        let mut keep: BTreeSet<String> = self.pick_refs.keys().map(|p| p.name(fam)).collect();
-        for (space, n) in self.wanted_slots() {
-            keep.extend((0..n).map(|i| compile::slot_chain(space, i, fam)));
-        }
-        for (chains, _) in self.owned.values() {
-            keep.extend(chains.iter().map(|c| c.name.clone()));
-        }
+        let mut keep = self.endpoint_chain_names();
         keep.retain(|c| have.contains(c));
         keep
+    }
+
+    /// Names of the endpoint-choosing chains this state wants: pick, slot and owned chains.
+    fn endpoint_chain_names(&self) -> BTreeSet<String> {
+        let fam = self.fam;
+        let mut names: BTreeSet<String> = self.pick_refs.keys().map(|p| p.name(fam)).collect();
+        for (space, n) in self.wanted_slots() {
+            names.extend((0..n).map(|i| compile::slot_chain(space, i, fam)));
+        }
+        for (chains, _) in self.owned.values() {
+            names.extend(chains.iter().map(|c| c.name.clone()));
+        }
+        names
     }
 
     /// Names of every chain and set this state wants to exist.
     pub fn wanted_names(&self, config: &NodeConfig) -> (BTreeSet<String>, BTreeSet<String>) {
         let fam = self.fam;
-        let mut chains: BTreeSet<String> =
-            layout::chains(fam, config).iter().map(|c| c.name.to_owned()).collect();
-        chains.extend(self.pick_refs.keys().map(|p| p.name(fam)));
+        let mut chains = self.endpoint_chain_names();
+        chains.extend(layout::chains(fam, config).iter().map(|c| c.name.to_owned()));
         let mut sets: BTreeSet<String> = layout::sets(fam).iter().map(|s| s.name.to_owned()).collect();
         for (space, n) in self.wanted_slots() {
-            chains.extend((0..n).map(|i| compile::slot_chain(space, i, fam)));
             sets.extend((0..n).map(|i| SetRef::Slot(space, i).to_string()));
         }
-        for (owned_chains, owned_sets) in self.owned.values() {
-            chains.extend(owned_chains.iter().map(|c| c.name.clone()));
+        for (_, owned_sets) in self.owned.values() {
             sets.extend(owned_sets.iter().map(|s| s.name.clone()));
         }
         (chains, sets)
