@@ -41,6 +41,35 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "ferry_getpeername6";
 }
 
+/// The kernel's `struct sk_buff` behind a TC program's context (`bpf_cast_to_kern_ctx`, a kfunc
+/// of Linux 6.2+), from which the programs read the packet's checksum state (`ip_summed`) and
+/// then update the transport checksum themselves instead of through two helper calls.
+///
+/// The aya release this toolchain can build (aya-obj 0.3) does not link kfunc calls, so the
+/// program carries a placeholder instruction, [`PLACEHOLDER`], and the loader rewrites it before
+/// the object is parsed: into the kfunc call with the function's BTF id where the kernel has it,
+/// or into `r0 = 0` (a constant null: the verifier drops the branch that would use it, and the
+/// helper path runs). The two globals are set in the same step.
+pub mod kernel_skb {
+    /// The kfunc the placeholder becomes.
+    pub const KFUNC: &str = "bpf_cast_to_kern_ctx";
+    /// Read-only global (`u32`): byte offset of the byte holding `ip_summed` in `struct sk_buff`.
+    pub const IP_SUMMED_OFFSET: &str = "SKB_IP_SUMMED_OFFSET";
+    /// Read-only global (`u32`): the shift of `ip_summed`'s two bits in that byte.
+    pub const IP_SUMMED_SHIFT: &str = "SKB_IP_SUMMED_SHIFT";
+    /// The immediate that marks the placeholder (an arbitrary value no BTF id reaches).
+    pub const PLACEHOLDER_IMM: u32 = 0x7e55_c0de;
+    /// The placeholder: `call` (opcode 0x85) with source register `BPF_PSEUDO_KFUNC_CALL` (2),
+    /// offset 0 (vmlinux BTF) and [`PLACEHOLDER_IMM`], as the 8 little-endian bytes of a BPF
+    /// instruction read as one `u64`.
+    pub const PLACEHOLDER: u64 = 0x85 | 0x20 << 8 | (PLACEHOLDER_IMM as u64) << 32;
+    /// `r0 = 0` (`BPF_ALU64 | BPF_MOV | BPF_K`, opcode 0xb7), what the placeholder becomes where
+    /// the kernel lacks the kfunc.
+    pub const NULL: u64 = 0xb7;
+    /// `ip_summed` values (include/linux/skbuff.h).
+    pub const CHECKSUM_PARTIAL: u8 = 3;
+}
+
 /// Names and default sizes of the maps in the eBPF object. Userspace may override every
 /// `*_MAX_ENTRIES` at load time (`BackendOptions`).
 pub mod maps {

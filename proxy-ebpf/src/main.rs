@@ -17,11 +17,13 @@
 //! update their own state (connections, affinity, counters).
 #![no_std]
 #![no_main]
+// `asm!` for BPF: the placeholder of `kernel_skb` (no kfunc linking in aya-obj 0.3).
+#![feature(asm_experimental_arch)]
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, TC_ACT_OK,
-        TC_ACT_SHOT, bpf_fib_lookup, bpf_sock_addr,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
+        TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_sock_addr,
     },
     helpers::{
         bpf_csum_diff, bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_get_socket_cookie,
@@ -34,7 +36,8 @@ use aya_ebpf::{
 use proxy_common::{
     AffinityKey, AffinityValue, CtValue, Endpoint, EndpointKey, FlowKey, FrontendKey, FrontendValue,
     MaglevTable, NODE_PORT_ADDR_V4, NODE_PORT_ADDR_V6, RevNatValue, ServiceCidrs, SockKey, SourceRangeKey,
-    Stat, crc32c, ct, dst_policy, flow_hash, frontend, frontend_filter, maps as m, mark, node_addr, protocol,
+    Stat, crc32c, ct, dst_policy, flow_hash, frontend, frontend_filter, kernel_skb as ks, maps as m, mark,
+    node_addr, protocol,
 };
 
 #[map]
@@ -210,6 +213,55 @@ static BYPASS_NETFILTER: u8 = 0;
 fn bypass_netfilter() -> bool {
     // SAFETY: a read-only global; volatile so the compiler does not fold in the zero above.
     unsafe { core::ptr::read_volatile(&BYPASS_NETFILTER) != 0 }
+}
+
+/// Where `ip_summed` is in the kernel's `struct sk_buff` (see `proxy_common::kernel_skb`); set
+/// by the loader together with the call in [`kernel_skb`], constants for the verifier.
+#[unsafe(no_mangle)]
+static SKB_IP_SUMMED_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SKB_IP_SUMMED_SHIFT: u32 = 0;
+
+/// The kernel's `struct sk_buff` of `ctx`, or null where the loader found no
+/// `bpf_cast_to_kern_ctx` (before Linux 6.2). The instruction is the loader's placeholder
+/// (`proxy_common::kernel_skb::PLACEHOLDER`); the verifier turns the kfunc into a register move.
+#[inline(always)]
+fn kernel_skb(ctx: &TcContext) -> *const u8 {
+    let skb: *const u8;
+    // SAFETY: one instruction: the kfunc call (argument r1, result r0, r1-r5 clobbered, as for
+    // any call) or `r0 = 0`.
+    unsafe {
+        core::arch::asm!(
+            ".quad {insn}",
+            insn = const ks::PLACEHOLDER,
+            inlateout("r1") ctx.skb.skb => _,
+            lateout("r0") skb,
+            lateout("r2") _,
+            lateout("r3") _,
+            lateout("r4") _,
+            lateout("r5") _,
+            options(nostack),
+        );
+    }
+    skb
+}
+
+/// The packet's checksum state (`ip_summed`: NONE, UNNECESSARY, COMPLETE or PARTIAL), where
+/// the kernel lets the program read it.
+#[inline(always)]
+fn checksum_state(ctx: &TcContext) -> Option<u8> {
+    let skb = kernel_skb(ctx);
+    if skb.is_null() {
+        return None;
+    }
+    // SAFETY: read-only globals; volatile so the compiler does not fold in the zeros above.
+    let (offset, shift) = unsafe {
+        (core::ptr::read_volatile(&SKB_IP_SUMMED_OFFSET), core::ptr::read_volatile(&SKB_IP_SUMMED_SHIFT))
+    };
+    // SAFETY: a byte of the sk_buff at a constant offset; the verifier checks it against the
+    // kernel's BTF (and turns the load into one that cannot fault).
+    let byte = unsafe { *skb.add(offset as usize) };
+    Some((byte >> shift) & 3)
 }
 
 const AF_INET: u8 = 2;
@@ -1163,6 +1215,18 @@ fn rewrite_ipv4(
 ) -> Option<Result<(), ParseError>> {
     const IP: usize = ETH_HDR_LEN;
     const L4: usize = ETH_HDR_LEN + IPV4_MIN_HDR_LEN;
+    if let Some(state) = checksum_state(ctx) {
+        // The transport checksum is at byte 16 of TCP (word 7 of the store: 3 of the IP
+        // header, 4 of TCP, low half) and byte 6 of UDP (word 4, high half).
+        let done = match proto {
+            protocol::TCP => rewrite_ipv4_in_one_store::<8>(ctx, state, dst, addr, port, (7, 0, false)),
+            protocol::UDP => rewrite_ipv4_in_one_store::<5>(ctx, state, dst, addr, port, (4, 16, true)),
+            _ => None,
+        };
+        if done.is_some() {
+            return done;
+        }
+    }
     let data = ctx.data();
     if data + L4 + 4 > ctx.data_end() {
         return None;
@@ -1212,6 +1276,70 @@ fn rewrite_ipv4(
         }
     }
     Some(Ok(()))
+}
+
+/// [`rewrite_ipv4`] where the checksum state is known: bytes 8.. of the IP header up to the
+/// end of the transport checksum (`N` words) are read, rewritten (address, port, both
+/// checksums) and written back in one `bpf_skb_store_bytes`. The transport checksum changes as
+/// the kernel's `inet_proto_csum_replace_by_diff` would change it: a CHECKSUM_PARTIAL packet's
+/// field holds the pseudo-header sum, to which only the address change is added (the port is
+/// summed when the checksum is completed); any other state holds the full checksum, which
+/// takes both. `BPF_F_RECOMPUTE_CSUM` keeps a CHECKSUM_COMPLETE packet's `skb->csum` equal to
+/// the sum of its bytes (the helper does nothing in the other states). `check`: the word and
+/// shift of the transport checksum in the store, and whether zero means "none" (UDP, as
+/// `BPF_F_MARK_MANGLED_0`). `None`: the bytes are not in the linear part.
+#[inline(always)]
+fn rewrite_ipv4_in_one_store<const N: usize>(
+    ctx: &TcContext,
+    state: u8,
+    dst: bool,
+    addr: &[u8; 16],
+    port: u16,
+    check: (usize, u32, bool),
+) -> Option<Result<(), ParseError>> {
+    const AT: usize = ETH_HDR_LEN + 8;
+    let (cw, cshift, zero_is_none) = check;
+    let data = ctx.data();
+    if data + AT + 4 * N > ctx.data_end() {
+        return None;
+    }
+    let mut w = [0u32; N];
+    for (i, word) in w.iter_mut().enumerate() {
+        // SAFETY: inside [data, data_end), checked above (see `parse_direct` on alignment).
+        *word = unsafe { *((data + AT + 4 * i) as *const u32) };
+    }
+    let new_addr = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
+    let (ai, shift) = if dst { (2, 16) } else { (1, 0) };
+    let old_addr = w[ai];
+    let old_port = (w[3] >> shift) as u16;
+    w[ai] = new_addr;
+    w[3] = (w[3] & !(0xffff << shift)) | u32::from(port) << shift;
+    let ip_check = csum_replace4((w[0] >> 16) as u16, old_addr, new_addr);
+    w[0] = (w[0] & 0xffff) | u32::from(ip_check) << 16;
+    let old_check = (w[cw] >> cshift) as u16;
+    if !(zero_is_none && old_check == 0) {
+        let addr_diff = u64::from(csum_diff4(old_addr, new_addr));
+        let mut new_check = if state == ks::CHECKSUM_PARTIAL {
+            fold16(u64::from(old_check) + addr_diff)
+        } else {
+            !fold16(u64::from(!old_check) + addr_diff + u64::from(!old_port) + u64::from(port))
+        };
+        if zero_is_none && new_check == 0 {
+            new_check = 0xffff;
+        }
+        w[cw] = (w[cw] & !(0xffff << cshift)) | u32::from(new_check) << cshift;
+    }
+    Some(ctx.store(AT, &w, u64::from(BPF_F_RECOMPUTE_CSUM)).map_err(|_| ParseError))
+}
+
+/// A ones'-complement sum folded to 16 bits with end-around carries.
+#[inline(always)]
+fn fold16(sum: u64) -> u16 {
+    let mut s = (sum & 0xffff_ffff) + (sum >> 32);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
 }
 
 /// The ones'-complement difference `to - from` as a 32-bit partial sum (the kernel's

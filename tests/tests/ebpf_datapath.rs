@@ -12,9 +12,9 @@ mod ebpf_common;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ebpf_common::{Bpffs, Frame, PortPlan, TestRun, plan_of};
-use proxy::backend::ebpf::kernel::Kernel;
+use proxy::backend::ebpf::kernel::{Kernel, ProgramSettings};
 use proxy::backend::ebpf::state::State;
-use proxy::backend::ebpf::{MapSizes, maglev};
+use proxy::backend::ebpf::{MapSizes, kernel_skb, maglev};
 use proxy::plan::NodeConfig;
 use proxy_common::{Stat, mark, programs};
 
@@ -37,8 +37,13 @@ fn config() -> NodeConfig {
 
 /// Loads the object with fresh maps and writes `plan` through the backend's state machine.
 fn load(test: &str, ports: &[PortPlan]) -> (Bpffs, Kernel) {
+    load_with(test, ports, &ProgramSettings::default())
+}
+
+fn load_with(test: &str, ports: &[PortPlan], settings: &ProgramSettings) -> (Bpffs, Kernel) {
     let fs = Bpffs::mount(test);
-    let mut kernel = Kernel::load(fs.path(), &MapSizes::default()).expect("load ferry's eBPF object");
+    let mut kernel =
+        Kernel::load_with(fs.path(), &MapSizes::default(), settings).expect("load ferry's eBPF object");
     let plan = plan_of(ports);
     let mut state = State::new(maglev::DEFAULT_TABLE_SIZE);
     state.full(&plan, &config(), kernel.maps()).expect("write the maps");
@@ -50,16 +55,37 @@ fn stat(kernel: &mut Kernel, s: Stat) -> u64 {
     kernel.maps().stats()[s.index() as usize]
 }
 
+/// Both ways the programs update transport checksums: reading the checksum state where the
+/// kernel allows it (Linux 6.2+), and the `bpf_l4_csum_replace` helpers. Loads `ports` once
+/// per way and checks the kernel took the way asked for.
+fn for_each_checksum_path(test: &str, ports: &[PortPlan], mut check: impl FnMut(&str, Kernel)) {
+    let kernel_allows = kernel_skb::probe(std::path::Path::new(kernel_skb::VMLINUX_BTF)).is_ok();
+    for helpers_only in [false, true] {
+        let settings = ProgramSettings { checksum_helpers_only: helpers_only, ..Default::default() };
+        let (_fs, kernel) = load_with(&format!("{test}_{}", u8::from(helpers_only)), ports, &settings);
+        assert_eq!(kernel.checksums_in_program(), kernel_allows && !helpers_only);
+        let path = if kernel.checksums_in_program() { "in the program" } else { "helpers" };
+        check(path, kernel);
+    }
+}
+
 #[test]
 fn a_syn_to_a_cluster_ip_is_translated_to_an_endpoint_with_valid_checksums_and_later_packets_follow_it() {
     let eps = [sock("10.0.1.10:8080"), sock("10.0.1.11:8080"), sock("10.0.2.10:8080")];
-    let (_fs, mut kernel) = load("cluster_ip_tcp", &[PortPlan::cluster_ip("web", "10.96.0.10", 80, &eps)]);
+    for_each_checksum_path(
+        "cluster_ip_tcp",
+        &[PortPlan::cluster_ip("web", "10.96.0.10", 80, &eps)],
+        |path, kernel| syn_and_followers(&eps, path, kernel),
+    );
+}
+
+fn syn_and_followers(eps: &[SocketAddr], path: &str, mut kernel: Kernel) {
     let client = v4("10.0.1.2");
     let syn = Frame::tcp4(client, 40000, v4("10.96.0.10"), 80, Frame::SYN);
     let out = TestRun::ingress(&kernel, &syn);
     assert_eq!(out.verdict, TC_ACT_OK);
     let p = out.parse();
-    assert!(p.checksums_valid, "IPv4 header and TCP checksums after DNAT: {p:?}");
+    assert!(p.checksums_valid, "IPv4 header and TCP checksums after DNAT ({path}): {p:?}");
     assert_eq!(p.src, SocketAddr::new(client.into(), 40000), "the source is kept");
     assert!(eps.contains(&p.dst), "DNAT to an endpoint, got {}", p.dst);
     assert_eq!(out.mark & mark::MASQUERADE, 0, "a pod source is not masqueraded");
@@ -70,7 +96,7 @@ fn a_syn_to_a_cluster_ip_is_translated_to_an_endpoint_with_valid_checksums_and_l
         let pkt = Frame::tcp4(client, 40000, v4("10.96.0.10"), 80, flags);
         let p = TestRun::ingress(&kernel, &pkt).parse();
         assert_eq!(p.dst, chosen, "flags {flags:#x} follow the connection");
-        assert!(p.checksums_valid);
+        assert!(p.checksums_valid, "{path}: {p:?}");
     }
     assert_eq!(stat(&mut kernel, Stat::ServiceHit), 1);
     assert_eq!(stat(&mut kernel, Stat::Established), 3);
@@ -83,7 +109,7 @@ fn a_syn_to_a_cluster_ip_is_translated_to_an_endpoint_with_valid_checksums_and_l
     let p = out.parse();
     assert_eq!(p.src, sock("10.96.0.10:80"), "reverse translation");
     assert_eq!(p.dst, SocketAddr::new(client.into(), 40000));
-    assert!(p.checksums_valid, "checksums after reverse translation: {p:?}");
+    assert!(p.checksums_valid, "checksums after reverse translation ({path}): {p:?}");
 
     // A non-SYN packet of an unknown connection is left alone.
     let stray = Frame::tcp4(client, 40001, v4("10.96.0.10"), 80, Frame::ACK);
@@ -110,15 +136,33 @@ fn udp_over_ipv6_is_translated_both_ways_with_valid_checksums() {
 }
 
 #[test]
+fn udp_over_ipv4_is_translated_both_ways_with_valid_checksums() {
+    let eps = [sock("10.0.1.10:5353")];
+    let ports = [PortPlan::cluster_ip("dns", "10.96.0.53", 53, &eps).udp()];
+    for_each_checksum_path("udp_ipv4", &ports, |path, kernel| {
+        let p =
+            TestRun::ingress(&kernel, &Frame::udp4(v4("10.0.1.2"), 3333, v4("10.96.0.53"), 53, b"q")).parse();
+        assert_eq!(p.dst, eps[0]);
+        assert!(p.checksums_valid, "UDP and IPv4 header checksums after DNAT ({path}): {p:?}");
+        let p =
+            TestRun::egress(&kernel, &Frame::udp4(v4("10.0.1.10"), 5353, v4("10.0.1.2"), 3333, b"a")).parse();
+        assert_eq!(p.src, sock("10.96.0.53:53"));
+        assert!(p.checksums_valid, "after reverse translation ({path}): {p:?}");
+    });
+}
+
+#[test]
 fn udp_over_ipv4_without_checksum_keeps_it_zero() {
     let eps = [sock("10.0.1.10:5353")];
-    let (_fs, kernel) = load("udp_zero_csum", &[PortPlan::cluster_ip("dns", "10.96.0.53", 53, &eps).udp()]);
-    let mut frame = Frame::udp4(v4("10.0.1.2"), 3333, v4("10.96.0.53"), 53, b"q");
-    frame.zero_udp_checksum();
-    let p = TestRun::ingress(&kernel, &frame).parse();
-    assert_eq!(p.dst, eps[0]);
-    assert_eq!(p.l4_checksum, 0, "a zero UDP checksum means none and stays zero");
-    assert!(p.ip_checksum_valid);
+    let ports = [PortPlan::cluster_ip("dns", "10.96.0.53", 53, &eps).udp()];
+    for_each_checksum_path("udp_zero_csum", &ports, |path, kernel| {
+        let mut frame = Frame::udp4(v4("10.0.1.2"), 3333, v4("10.96.0.53"), 53, b"q");
+        frame.zero_udp_checksum();
+        let p = TestRun::ingress(&kernel, &frame).parse();
+        assert_eq!(p.dst, eps[0]);
+        assert_eq!(p.l4_checksum, 0, "a zero UDP checksum means none and stays zero ({path})");
+        assert!(p.ip_checksum_valid);
+    });
 }
 
 #[test]
@@ -342,7 +386,11 @@ fn repeated_runs_of_a_packet_that_stays_a_service_hit_with_ten_thousand_services
     // Ports change too, as from a service port to a target port (one more checksum update).
     ports.push(PortPlan::cluster_ip("cycle-a", a, 80, &[sock(&format!("{b}:8080"))]));
     ports.push(PortPlan::cluster_ip("cycle-b", b, 8080, &[sock(&format!("{a}:80"))]));
-    let (_fs, mut kernel) = load("per_packet_repeat", &ports);
+    let (fs, mut kernel) = load("per_packet_repeat", &ports);
+    // The same programs on the same maps, with the checksum helpers only (the path of kernels
+    // before 6.2): their difference is what reading the checksum state saves.
+    let helpers_only = ProgramSettings { checksum_helpers_only: true, ..Default::default() };
+    let helpers = Kernel::load_with(fs.path(), &MapSizes::default(), &helpers_only).expect("load");
     let client = v4("10.0.1.2");
     for (vip, other) in [((a, 80), (b, 8080)), ((b, 8080), (a, 80))] {
         let syn = TestRun::ingress(&kernel, &Frame::tcp4(client, 40000, v4(vip.0), vip.1, Frame::SYN));
@@ -354,6 +402,11 @@ fn repeated_runs_of_a_packet_that_stays_a_service_hit_with_ten_thousand_services
     let stranger = Frame::tcp4(v4("10.0.1.10"), 8080, client, 40001, Frame::ACK);
     let mut arp = miss.clone();
     arp.0[12..14].copy_from_slice(&[0x08, 0x06]);
+    let helpers_row = if kernel.checksums_in_program() {
+        "ingress, established, checksum helpers only"
+    } else {
+        "ingress, established (checksum helpers on this kernel anyway)"
+    };
     let cases = [
         (
             "ingress, packet of an established service connection",
@@ -361,6 +414,7 @@ fn repeated_runs_of_a_packet_that_stays_a_service_hit_with_ten_thousand_services
             &ack,
             Stat::Established,
         ),
+        (helpers_row, programs::TC_INGRESS, &ack, Stat::Established),
         ("ingress, TCP packet to no service", programs::TC_INGRESS, &miss, Stat::ServiceMiss),
         ("ingress, non-IP frame", programs::TC_INGRESS, &arp, Stat::NotApplicable),
         ("egress, reply of a service connection", programs::TC_EGRESS, &reply, Stat::ReverseNat),
@@ -372,9 +426,10 @@ fn repeated_runs_of_a_packet_that_stays_a_service_hit_with_ten_thousand_services
     let mut samples = vec![Vec::new(); cases.len()];
     for _ in 0..rounds {
         empty_samples.push(empty.repeat_ns(&ack, repeat));
-        for ((_, program, frame, stat_of), out) in cases.iter().zip(samples.iter_mut()) {
+        for (i, ((_, program, frame, stat_of), out)) in cases.iter().zip(samples.iter_mut()).enumerate() {
             let before = stat(&mut kernel, *stat_of);
-            out.push(TestRun::repeat(&kernel, program, frame, repeat) as u32);
+            let run_on = if i == 1 { &helpers } else { &kernel };
+            out.push(TestRun::repeat(run_on, program, frame, repeat) as u32);
             let counted = stat(&mut kernel, *stat_of) - before;
             // A reply without a reverse entry counts nothing.
             let expected = if std::ptr::eq(*frame, &stranger) { 0 } else { u64::from(repeat) };
@@ -415,14 +470,25 @@ fn compare_objects() {
     let miss = Frame::tcp4(client, 40000, v4("192.0.2.1"), 80, Frame::ACK);
     let reply = Frame::tcp4(ep_ip, endpoint.port(), client, 40000, Frame::ACK);
     let mut loaded = Vec::new();
-    for (name, path) in &objects {
+    let probed = kernel_skb::probe(std::path::Path::new(kernel_skb::VMLINUX_BTF));
+    let helpers = Err(kernel_skb::NoAccess::Disabled);
+    // Each object twice: as the kernel allows (checksum state read where it can be) and with
+    // the checksum helpers only.
+    let variants: Vec<(String, &str, _)> = objects
+        .iter()
+        .flat_map(|(name, path)| {
+            [(name.to_string(), *path, &probed), (format!("{name}-helpers"), *path, &helpers)]
+        })
+        .collect();
+    for (name, path, access) in &variants {
         let mut loader = aya::EbpfLoader::new();
         for map in proxy_common::maps::PINNED {
             loader
                 .map_pin_path(map, proxy::backend::ebpf::kernel::pin_root(fs.path()).join("maps").join(map));
         }
         let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        let mut object = loader.load(&bytes).unwrap_or_else(|e| panic!("loading {path}: {e}"));
+        let linked = proxy::backend::ebpf::kernel::link_object(&mut loader, &bytes, access);
+        let mut object = loader.load(linked.bytes()).unwrap_or_else(|e| panic!("loading {path}: {e}"));
         for program in [programs::TC_INGRESS, programs::TC_EGRESS] {
             let prog: &mut SchedClassifier =
                 object.program_mut(program).and_then(|p| p.try_into().ok()).expect("a TC program");
@@ -431,7 +497,7 @@ fn compare_objects() {
         let ingress: &SchedClassifier =
             object.program(programs::TC_INGRESS).and_then(|p| p.try_into().ok()).expect("loaded");
         run_prog_once_ns(ingress, &syn);
-        loaded.push((*name, object));
+        loaded.push((name.as_str(), object));
     }
     let cases = [
         ("ack", programs::TC_INGRESS, &ack),

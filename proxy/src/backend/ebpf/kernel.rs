@@ -17,8 +17,11 @@ use aya::programs::{CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
     AffinityKey, AffinityValue, CtValue, Endpoint, EndpointKey, FlowKey, FrontendKey, FrontendValue,
-    MaglevTable, RevNatValue, SockKey, SourceRangeKey, Stat, maps as m, programs,
+    MaglevTable, RevNatValue, SockKey, SourceRangeKey, Stat, kernel_skb as kernel_skb_names, maps as m,
+    programs,
 };
+
+use super::kernel_skb::{self, LinkedObject, NoAccess, SkbAccess};
 
 use super::maps::{Cidr, DataPathMaps, MapError, MapTable, OneValue, SourceRange, WordArray};
 use super::{MapSizes, TcHook};
@@ -123,6 +126,10 @@ pub struct ProgramSettings {
     /// `--bypass-netfilter`: translated packets of connections without masquerade go straight
     /// to their next hop, and replies are translated back on ingress (docs/ebpf.md).
     pub bypass_netfilter: bool,
+    /// Keep the transport checksum with the `bpf_l4_csum_replace` helpers even where the
+    /// kernel lets the programs read the checksum state (see [`super::kernel_skb`]): for
+    /// tests and measurements of the path older kernels take.
+    pub checksum_helpers_only: bool,
 }
 
 /// ferry's loaded object and its maps.
@@ -134,6 +141,35 @@ pub struct Kernel {
     /// Interfaces cleared of what an earlier run left on the other TC hook: once per
     /// interface and process, not at every full sync (a new device carries nothing).
     swept: std::collections::HashSet<String>,
+    checksums_in_program: bool,
+}
+
+/// Links `object`'s checksum-state placeholders for `access` (see [`super::kernel_skb`]) and
+/// sets the globals that go with them; logs which checksum path the programs take.
+pub fn link_object<'a>(
+    loader: &mut EbpfLoader<'a>,
+    object: &[u8],
+    access: &'a Result<SkbAccess, NoAccess>,
+) -> LinkedObject {
+    let linked = kernel_skb::link(object, access.as_ref().ok());
+    match access {
+        // An object without the placeholder (an older build, compared in measurements) has
+        // no globals to set either.
+        Ok(_) if linked.placeholders == 0 => {}
+        Ok(a) => {
+            loader.override_global(kernel_skb_names::IP_SUMMED_OFFSET, &a.ip_summed_offset, true);
+            loader.override_global(kernel_skb_names::IP_SUMMED_SHIFT, &a.ip_summed_shift, true);
+            tracing::info!(
+                kfunc_id = a.kfunc_id,
+                ip_summed_offset = a.ip_summed_offset,
+                "eBPF programs update transport checksums themselves (they read sk_buff.ip_summed)"
+            );
+        }
+        Err(why) => {
+            tracing::info!("eBPF programs update transport checksums with bpf_l4_csum_replace: {why}")
+        }
+    }
+    linked
 }
 
 impl Kernel {
@@ -166,8 +202,13 @@ impl Kernel {
         }
         let bypass = u8::from(settings.bypass_netfilter);
         loader.override_global(programs::BYPASS_NETFILTER, &bypass, true);
-        let mut ebpf =
-            loader.load(crate::ebpf_object::BYTES).map_err(|e| setup("loading the eBPF object", e))?;
+        let skb_access = if settings.checksum_helpers_only {
+            Err(NoAccess::Disabled)
+        } else {
+            kernel_skb::probe(Path::new(kernel_skb::VMLINUX_BTF))
+        };
+        let object = link_object(&mut loader, crate::ebpf_object::BYTES, &skb_access);
+        let mut ebpf = loader.load(object.bytes()).map_err(|e| setup("loading the eBPF object", e))?;
         for name in [programs::TC_INGRESS, programs::TC_EGRESS] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -177,7 +218,14 @@ impl Kernel {
             prog.load().map_err(|e| setup(format!("verifying {name}"), e))?;
         }
         let maps = KernelMaps::take(&mut ebpf, sizes)?;
-        Ok(Self { ebpf, pins, maps, sizes: sizes.clone(), swept: Default::default() })
+        let checksums_in_program = skb_access.is_ok();
+        Ok(Self { ebpf, pins, maps, sizes: sizes.clone(), swept: Default::default(), checksums_in_program })
+    }
+
+    /// Whether the TC programs update transport checksums themselves (they read the checksum
+    /// state, see [`super::kernel_skb`]) rather than through `bpf_l4_csum_replace`.
+    pub fn checksums_in_program(&self) -> bool {
+        self.checksums_in_program
     }
 
     pub fn maps(&mut self) -> &mut KernelMaps {

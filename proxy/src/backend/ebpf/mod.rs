@@ -9,8 +9,10 @@
 //! - [`pins`]: pinned maps of an earlier ferry checked against this one's object.
 //! - [`maglev`]: consistent hashing for external frontends.
 
+pub mod btf;
 pub mod compile;
 pub mod kernel;
+pub mod kernel_skb;
 pub mod maglev;
 pub mod maps;
 pub mod pins;
@@ -260,7 +262,10 @@ impl EbpfBackend {
         if self.kernel.is_none() {
             let bpffs = self.options.bpffs.clone();
             let sizes = self.options.map_sizes.clone();
-            let settings = kernel::ProgramSettings { bypass_netfilter: self.options.bypass_netfilter };
+            let settings = kernel::ProgramSettings {
+                bypass_netfilter: self.options.bypass_netfilter,
+                ..Default::default()
+            };
             let kernel = kernel::in_netns(self.options.netns.as_deref(), move || {
                 Kernel::load_with(&bpffs, &sizes, &settings)
             })??;
