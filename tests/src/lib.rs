@@ -40,6 +40,7 @@
 mod cluster;
 mod error;
 mod netns;
+mod offload;
 mod process;
 mod responder;
 

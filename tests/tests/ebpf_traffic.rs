@@ -212,6 +212,36 @@ fn pods_and_outside_clients_reach_services_over_tcp_and_udp_on_both_families() {
     }
 }
 
+/// Translated packets pass receivers that verify their checksums, whether the sender left the
+/// transport checksum to offload (CHECKSUM_PARTIAL when the programs see the packet: the field
+/// holds only the pseudo-header sum) or computed it (CHECKSUM_NONE). The node's interfaces
+/// finish checksums in software (transmit offload off), so the endpoints and the client check
+/// every packet; with offload on, a veth receiver would trust an unfinished checksum and a
+/// wrong update would go unnoticed. Covers both checksum paths of the programs: in the program
+/// where the kernel lets them read the state (6.2+), the helpers otherwise.
+#[test]
+fn receivers_that_verify_checksums_accept_translated_packets_from_offloading_and_computing_senders() {
+    for sender_offload in [true, false] {
+        let mut e = env(if sender_offload { "csum_offload" } else { "csum_computed" });
+        for iface in ["client", "pod0", "pod1", "eth0"] {
+            e.cluster.node.ns.set_checksum_offload(iface, false, true).expect("node interface");
+        }
+        for pod in std::iter::once(&e.cluster.client).chain(&e.cluster.pods).chain(&e.cluster.remote_pods) {
+            pod.ns.set_checksum_offload("eth0", sender_offload, true).expect("pod interface");
+        }
+        let mut ports = Vec::new();
+        for v6 in [false, true] {
+            let (eps, vip) = (e.endpoints(v6), e.vip(10, v6).to_string());
+            ports.push(PortPlan::cluster_ip("web", &vip, 80, &eps));
+            ports.push(PortPlan::cluster_ip("dns", &vip, 53, &eps).udp());
+        }
+        e.sync(&plan_of(&ports));
+        for v6 in [false, true] {
+            the_client_pod_reaches_every_endpoint_keeping_its_source(&e, v6);
+        }
+    }
+}
+
 /// The client pod reaches every endpoint of `web` (TCP 80) and `dns` (UDP 53) on VIP 10 of
 /// the family, and the endpoints see its own address.
 fn the_client_pod_reaches_every_endpoint_keeping_its_source(e: &Env, v6: bool) {
