@@ -1180,6 +1180,13 @@ fn rewrite(ctx: &TcContext, pkt: &Packet, dst: bool, rw: &mut Rewrite) -> Result
     {
         return done;
     }
+    if pkt.ipv6
+        && pkt.l3 == ETH_HDR_LEN
+        && pkt.l4 == ETH_HDR_LEN + IPV6_HDR_LEN
+        && let Some(done) = rewrite_ipv6(ctx, pkt.flow.protocol, dst, &rw.new_addr, rw.new_port)
+    {
+        return done;
+    }
     let flow = &pkt.flow;
     if dst {
         rw.addr_off = if pkt.ipv6 { pkt.l3 + 24 } else { pkt.l3 + 16 };
@@ -1278,16 +1285,46 @@ fn rewrite_ipv4(
     Some(Ok(()))
 }
 
+/// TCP or UDP over IPv6 without extension headers, in one store where the checksum state is
+/// known (see [`rewrite_ipv6_in_one_store`]); `None`: the general path applies. The store
+/// starts at the replaced address: the destination (offset 24) runs into the transport
+/// header; the source (offset 8) has the destination between it and the ports.
+#[inline(always)]
+fn rewrite_ipv6(
+    ctx: &TcContext,
+    proto: u8,
+    dst: bool,
+    addr: &[u8; 16],
+    port: u16,
+) -> Option<Result<(), ParseError>> {
+    const IP: usize = ETH_HDR_LEN;
+    let state = checksum_state(ctx)?;
+    // (offset, ports word, dst) and (checksum word, shift, zero is none): the TCP checksum is
+    // at byte 16 of its header (low half of a word), UDP's at byte 6 (high half).
+    match (proto, dst) {
+        (protocol::TCP, true) => {
+            rewrite_ipv6_in_one_store::<9>(ctx, state, (IP + 24, 4, true), addr, port, (8, 0, false))
+        }
+        (protocol::TCP, false) => {
+            rewrite_ipv6_in_one_store::<13>(ctx, state, (IP + 8, 8, false), addr, port, (12, 0, false))
+        }
+        (protocol::UDP, true) => {
+            rewrite_ipv6_in_one_store::<6>(ctx, state, (IP + 24, 4, true), addr, port, (5, 16, true))
+        }
+        (protocol::UDP, false) => {
+            rewrite_ipv6_in_one_store::<10>(ctx, state, (IP + 8, 8, false), addr, port, (9, 16, true))
+        }
+        _ => None,
+    }
+}
+
 /// [`rewrite_ipv4`] where the checksum state is known: bytes 8.. of the IP header up to the
 /// end of the transport checksum (`N` words) are read, rewritten (address, port, both
-/// checksums) and written back in one `bpf_skb_store_bytes`. The transport checksum changes as
-/// the kernel's `inet_proto_csum_replace_by_diff` would change it: a CHECKSUM_PARTIAL packet's
-/// field holds the pseudo-header sum, to which only the address change is added (the port is
-/// summed when the checksum is completed); any other state holds the full checksum, which
-/// takes both. `BPF_F_RECOMPUTE_CSUM` keeps a CHECKSUM_COMPLETE packet's `skb->csum` equal to
-/// the sum of its bytes (the helper does nothing in the other states). `check`: the word and
-/// shift of the transport checksum in the store, and whether zero means "none" (UDP, as
-/// `BPF_F_MARK_MANGLED_0`). `None`: the bytes are not in the linear part.
+/// checksums, see [`update_l4_check`]) and written back in one `bpf_skb_store_bytes`.
+/// `BPF_F_RECOMPUTE_CSUM` keeps a CHECKSUM_COMPLETE packet's `skb->csum` equal to the sum of its
+/// bytes (the helper does nothing in the other states). `check`: the word and shift of the
+/// transport checksum in the store, and whether zero means "none" (UDP). `None`: the bytes are
+/// not in the linear part.
 #[inline(always)]
 fn rewrite_ipv4_in_one_store<const N: usize>(
     ctx: &TcContext,
@@ -1316,20 +1353,76 @@ fn rewrite_ipv4_in_one_store<const N: usize>(
     w[3] = (w[3] & !(0xffff << shift)) | u32::from(port) << shift;
     let ip_check = csum_replace4((w[0] >> 16) as u16, old_addr, new_addr);
     w[0] = (w[0] & 0xffff) | u32::from(ip_check) << 16;
-    let old_check = (w[cw] >> cshift) as u16;
-    if !(zero_is_none && old_check == 0) {
-        let addr_diff = u64::from(csum_diff4(old_addr, new_addr));
-        let mut new_check = if state == ks::CHECKSUM_PARTIAL {
-            fold16(u64::from(old_check) + addr_diff)
-        } else {
-            !fold16(u64::from(!old_check) + addr_diff + u64::from(!old_port) + u64::from(port))
-        };
-        if zero_is_none && new_check == 0 {
-            new_check = 0xffff;
-        }
-        w[cw] = (w[cw] & !(0xffff << cshift)) | u32::from(new_check) << cshift;
-    }
+    let diff = u64::from(csum_diff4(old_addr, new_addr));
+    update_l4_check(&mut w[cw], cshift, zero_is_none, state, diff, old_port, port);
     Some(ctx.store(AT, &w, u64::from(BPF_F_RECOMPUTE_CSUM)).map_err(|_| ParseError))
+}
+
+/// [`rewrite_ipv4_in_one_store`] for IPv6 without extension headers: `N` words from `at`, the
+/// address being replaced in words 0..4, the ports in word `pw` (`dst`: the destination port,
+/// the high half), the transport checksum as `check` says. No IP header checksum.
+#[inline(always)]
+fn rewrite_ipv6_in_one_store<const N: usize>(
+    ctx: &TcContext,
+    state: u8,
+    (at, pw, dst): (usize, usize, bool),
+    addr: &[u8; 16],
+    port: u16,
+    check: (usize, u32, bool),
+) -> Option<Result<(), ParseError>> {
+    let (cw, cshift, zero_is_none) = check;
+    let data = ctx.data();
+    if data + at + 4 * N > ctx.data_end() {
+        return None;
+    }
+    let mut w = [0u32; N];
+    for (i, word) in w.iter_mut().enumerate() {
+        // SAFETY: inside [data, data_end), checked above (see `parse_direct` on alignment).
+        *word = unsafe { *((data + at + 4 * i) as *const u32) };
+    }
+    let new = words16(addr);
+    let mut diff = 0u64;
+    for (old, new) in w.iter_mut().zip(new) {
+        diff += u64::from(!*old) + u64::from(new);
+        *old = new;
+    }
+    let shift = if dst { 16 } else { 0 };
+    let old_port = (w[pw] >> shift) as u16;
+    w[pw] = (w[pw] & !(0xffff << shift)) | u32::from(port) << shift;
+    update_l4_check(&mut w[cw], cshift, zero_is_none, state, diff, old_port, port);
+    Some(ctx.store(at, &w, u64::from(BPF_F_RECOMPUTE_CSUM)).map_err(|_| ParseError))
+}
+
+/// The transport checksum (the half of `word` at `shift`) after an address change whose
+/// ones'-complement difference is `addr_diff` and a port change, as the kernel's
+/// `inet_proto_csum_replace_by_diff` would make it: a CHECKSUM_PARTIAL packet's field holds the
+/// pseudo-header sum, which takes only the address change (the port is summed when the
+/// checksum is completed); any other state holds the full checksum, which takes both.
+/// `zero_is_none`: UDP, whose zero means "no checksum" (left alone; a zero result is written
+/// as 0xffff), as `BPF_F_MARK_MANGLED_0`.
+#[inline(always)]
+fn update_l4_check(
+    word: &mut u32,
+    shift: u32,
+    zero_is_none: bool,
+    state: u8,
+    addr_diff: u64,
+    old_port: u16,
+    port: u16,
+) {
+    let old = (*word >> shift) as u16;
+    if zero_is_none && old == 0 {
+        return;
+    }
+    let mut new = if state == ks::CHECKSUM_PARTIAL {
+        fold16(u64::from(old) + addr_diff)
+    } else {
+        !fold16(u64::from(!old) + addr_diff + u64::from(!old_port) + u64::from(port))
+    };
+    if zero_is_none && new == 0 {
+        new = 0xffff;
+    }
+    *word = (*word & !(0xffff << shift)) | u32::from(new) << shift;
 }
 
 /// A ones'-complement sum folded to 16 bits with end-around carries.

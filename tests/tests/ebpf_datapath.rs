@@ -119,20 +119,33 @@ fn syn_and_followers(eps: &[SocketAddr], path: &str, mut kernel: Kernel) {
 }
 
 #[test]
-fn udp_over_ipv6_is_translated_both_ways_with_valid_checksums() {
+fn tcp_and_udp_over_ipv6_are_translated_both_ways_with_valid_checksums() {
     let eps = [sock("[fd00:10::1:10]:5353")];
-    let (_fs, kernel) = load("udp_ipv6", &[PortPlan::cluster_ip("dns", "fd00:96::a", 53, &eps).udp()]);
+    let ports = [
+        PortPlan::cluster_ip("dns", "fd00:96::a", 53, &eps).udp(),
+        PortPlan::cluster_ip("web", "fd00:96::a", 80, &eps),
+    ];
     let client: Ipv6Addr = "fd00:10::1:2".parse().expect("v6");
     let vip: Ipv6Addr = "fd00:96::a".parse().expect("v6");
-    let out = TestRun::ingress(&kernel, &Frame::udp6(client, 3333, vip, 53, b"question"));
-    let p = out.parse();
-    assert_eq!(p.dst, eps[0], "DNAT to the endpoint, port included");
-    assert!(p.checksums_valid, "UDP checksum over the IPv6 pseudo-header: {p:?}");
     let ep: Ipv6Addr = "fd00:10::1:10".parse().expect("v6");
-    let out = TestRun::egress(&kernel, &Frame::udp6(ep, 5353, client, 3333, b"answer"));
-    let p = out.parse();
-    assert_eq!(p.src, SocketAddr::new(vip.into(), 53));
-    assert!(p.checksums_valid);
+    for_each_checksum_path("ipv6", &ports, |path, kernel| {
+        let out = TestRun::ingress(&kernel, &Frame::udp6(client, 3333, vip, 53, b"question"));
+        let p = out.parse();
+        assert_eq!(p.dst, eps[0], "DNAT to the endpoint, port included");
+        assert!(p.checksums_valid, "UDP checksum over the IPv6 pseudo-header ({path}): {p:?}");
+        let out = TestRun::egress(&kernel, &Frame::udp6(ep, 5353, client, 3333, b"answer"));
+        let p = out.parse();
+        assert_eq!(p.src, SocketAddr::new(vip.into(), 53));
+        assert!(p.checksums_valid, "{path}: {p:?}");
+        for flags in [Frame::SYN, Frame::ACK] {
+            let p = TestRun::ingress(&kernel, &Frame::tcp6(client, 4444, vip, 80, flags)).parse();
+            assert_eq!(p.dst, eps[0]);
+            assert!(p.checksums_valid, "TCP over IPv6, flags {flags:#x} ({path}): {p:?}");
+        }
+        let p = TestRun::egress(&kernel, &Frame::tcp6(ep, 5353, client, 4444, Frame::ACK)).parse();
+        assert_eq!(p.src, SocketAddr::new(vip.into(), 80));
+        assert!(p.checksums_valid, "TCP reply over IPv6 ({path}): {p:?}");
+    });
 }
 
 #[test]
