@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use ebpf_common::timing::{EmptyProgram, run_once_ns};
 use ebpf_common::{Bpffs, Frame, PortPlan, TestRun, plan_of};
-use proxy::backend::ebpf::kernel::Kernel;
+use proxy::backend::ebpf::kernel::{Kernel, ProgramSettings};
 use proxy::backend::ebpf::state::State;
 use proxy::backend::ebpf::{MapSizes, maglev};
 use proxy::plan::{NodeConfig, Plan, PlanDiff};
@@ -63,7 +63,7 @@ fn timed(iters: u64, mut run: impl FnMut() -> u32) -> Duration {
 
 fn per_packet(c: &mut Criterion) {
     let plan = plan_of(&ports(SERVICES));
-    let (_fs, kernel, _state) = loaded("bench_per_packet", &plan);
+    let (fs, kernel, _state) = loaded("bench_per_packet", &plan);
     let client = Ipv4Addr::new(10, 0, 1, 2);
     let vip = Ipv4Addr::new(10, 96, 20, 5);
     // The SYN creates the connection entries; the frames below then hit them.
@@ -76,6 +76,10 @@ fn per_packet(c: &mut Criterion) {
     arp.0[12..14].copy_from_slice(&[0x08, 0x06]);
     let reply = Frame::tcp4(endpoint_ip, endpoint.port(), client, 40000, Frame::ACK);
     let stranger = Frame::tcp4(endpoint_ip, endpoint.port(), client, 40001, Frame::ACK);
+    // The same programs on the same maps with the checksum helpers only: the path of kernels
+    // before 6.2 (where the two kernels are the same path, the rows say so by being equal).
+    let settings = ProgramSettings { checksum_helpers_only: true, ..Default::default() };
+    let helpers = Kernel::load_with(fs.path(), &MapSizes::default(), &settings).expect("load");
     let empty = EmptyProgram::load();
     let mut g = c.benchmark_group("ebpf_per_packet_10k_services");
     g.bench_function("empty_program_floor", |b| b.iter_custom(|iters| timed(iters, || empty.run_ns(&ack))));
@@ -88,6 +92,14 @@ fn per_packet(c: &mut Criterion) {
     ] {
         g.bench_function(name, |b| {
             b.iter_custom(|iters| timed(iters, || run_once_ns(&kernel, program, frame)))
+        });
+    }
+    for (name, program, frame) in [
+        ("ingress_established_checksum_helpers", programs::TC_INGRESS, &ack),
+        ("egress_reply_checksum_helpers", programs::TC_EGRESS, &reply),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| timed(iters, || run_once_ns(&helpers, program, frame)))
         });
     }
     g.finish();

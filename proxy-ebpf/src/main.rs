@@ -1205,13 +1205,13 @@ fn rewrite(ctx: &TcContext, pkt: &Packet, dst: bool, rw: &mut Rewrite) -> Result
 }
 
 /// The common case of [`rewrite`]: TCP or UDP over IPv4 without options, headers in the
-/// linear part. One `bpf_skb_store_bytes` writes bytes 8..24 of the IP header and the ports
-/// (TTL and protocol, the header checksum updated here, both addresses, both ports; the
-/// unchanged ones as they were), then `bpf_l4_csum_replace` updates the transport checksum for
-/// the address (pseudo-header) and for the port. The transport checksum stays with the
-/// helper: it knows the skb's checksum state (a CHECKSUM_PARTIAL packet holds only the
-/// pseudo-header sum, a CHECKSUM_COMPLETE one has `skb->csum` to keep right), which a program
-/// cannot read. `None`: not in the linear part, the general case applies.
+/// linear part. Where the program can read the skb's checksum state, one store does it all
+/// ([`rewrite_ipv4_in_one_store`]). Otherwise one `bpf_skb_store_bytes` writes bytes 8..24 of
+/// the IP header and the ports (TTL and protocol, the header checksum updated here, both
+/// addresses, both ports; the unchanged ones as they were), then `bpf_l4_csum_replace` updates
+/// the transport checksum for the address (pseudo-header) and for the port: the helper knows
+/// the state (a CHECKSUM_PARTIAL packet holds only the pseudo-header sum, a CHECKSUM_COMPLETE
+/// one has `skb->csum` to keep right). `None`: not in the linear part, the general case applies.
 #[inline(always)]
 fn rewrite_ipv4(
     ctx: &TcContext,
@@ -1234,28 +1234,9 @@ fn rewrite_ipv4(
             return done;
         }
     }
-    let data = ctx.data();
-    if data + L4 + 4 > ctx.data_end() {
-        return None;
-    }
-    // TTL, protocol, checksum | saddr | daddr | sport, dport (see `parse_direct` on alignment).
-    // SAFETY: inside [data, data_end), checked above.
-    let mut w: [u32; 4] = unsafe {
-        [
-            *((data + IP + 8) as *const u32),
-            *((data + IP + 12) as *const u32),
-            *((data + IP + 16) as *const u32),
-            *((data + L4) as *const u32),
-        ]
-    };
-    let new_addr = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
-    let (ai, shift) = if dst { (2, 16) } else { (1, 0) };
-    let old_addr = w[ai];
-    let old_port = (w[3] >> shift) as u16;
-    w[ai] = new_addr;
-    w[3] = (w[3] & !(0xffff << shift)) | u32::from(port) << shift;
-    let check = csum_replace4((w[0] >> 16) as u16, old_addr, new_addr);
-    w[0] = (w[0] & 0xffff) | u32::from(check) << 16;
+    // TTL, protocol, checksum | saddr | daddr | sport, dport.
+    let mut w = read_words::<4>(ctx, IP + 8)?;
+    let (old_addr, new_addr, old_port) = translate_ipv4_words(&mut w, dst, addr, port);
     if ctx.store(IP + 8, &w, 0).is_err() {
         return Some(Err(ParseError));
     }
@@ -1283,6 +1264,43 @@ fn rewrite_ipv4(
         }
     }
     Some(Ok(()))
+}
+
+/// `N` 4-byte words of the packet from offset `at`, or `None` past the linear part.
+#[inline(always)]
+fn read_words<const N: usize>(ctx: &TcContext, at: usize) -> Option<[u32; N]> {
+    let data = ctx.data();
+    if data + at + 4 * N > ctx.data_end() {
+        return None;
+    }
+    let mut w = [0u32; N];
+    for (i, word) in w.iter_mut().enumerate() {
+        // SAFETY: inside [data, data_end), checked above (see `parse_direct` on alignment).
+        *word = unsafe { *((data + at + 4 * i) as *const u32) };
+    }
+    Some(w)
+}
+
+/// In words read from byte 8 of an IPv4 header (TTL, protocol, checksum | saddr | daddr |
+/// ports): puts `addr` and `port` in place of the destination (`dst`) or source address and
+/// port, and updates the header checksum. Returns the old address, the new one and the old
+/// port, as read.
+#[inline(always)]
+fn translate_ipv4_words<const N: usize>(
+    w: &mut [u32; N],
+    dst: bool,
+    addr: &[u8; 16],
+    port: u16,
+) -> (u32, u32, u16) {
+    let new_addr = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
+    let (ai, shift) = if dst { (2, 16) } else { (1, 0) };
+    let old_addr = w[ai];
+    let old_port = (w[3] >> shift) as u16;
+    w[ai] = new_addr;
+    w[3] = (w[3] & !(0xffff << shift)) | u32::from(port) << shift;
+    let check = csum_replace4((w[0] >> 16) as u16, old_addr, new_addr);
+    w[0] = (w[0] & 0xffff) | u32::from(check) << 16;
+    (old_addr, new_addr, old_port)
 }
 
 /// TCP or UDP over IPv6 without extension headers, in one store where the checksum state is
@@ -1336,23 +1354,8 @@ fn rewrite_ipv4_in_one_store<const N: usize>(
 ) -> Option<Result<(), ParseError>> {
     const AT: usize = ETH_HDR_LEN + 8;
     let (cw, cshift, zero_is_none) = check;
-    let data = ctx.data();
-    if data + AT + 4 * N > ctx.data_end() {
-        return None;
-    }
-    let mut w = [0u32; N];
-    for (i, word) in w.iter_mut().enumerate() {
-        // SAFETY: inside [data, data_end), checked above (see `parse_direct` on alignment).
-        *word = unsafe { *((data + AT + 4 * i) as *const u32) };
-    }
-    let new_addr = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
-    let (ai, shift) = if dst { (2, 16) } else { (1, 0) };
-    let old_addr = w[ai];
-    let old_port = (w[3] >> shift) as u16;
-    w[ai] = new_addr;
-    w[3] = (w[3] & !(0xffff << shift)) | u32::from(port) << shift;
-    let ip_check = csum_replace4((w[0] >> 16) as u16, old_addr, new_addr);
-    w[0] = (w[0] & 0xffff) | u32::from(ip_check) << 16;
+    let mut w = read_words::<N>(ctx, AT)?;
+    let (old_addr, new_addr, old_port) = translate_ipv4_words(&mut w, dst, addr, port);
     let diff = u64::from(csum_diff4(old_addr, new_addr));
     update_l4_check(&mut w[cw], cshift, zero_is_none, state, diff, old_port, port);
     Some(ctx.store(AT, &w, u64::from(BPF_F_RECOMPUTE_CSUM)).map_err(|_| ParseError))
@@ -1371,15 +1374,7 @@ fn rewrite_ipv6_in_one_store<const N: usize>(
     check: (usize, u32, bool),
 ) -> Option<Result<(), ParseError>> {
     let (cw, cshift, zero_is_none) = check;
-    let data = ctx.data();
-    if data + at + 4 * N > ctx.data_end() {
-        return None;
-    }
-    let mut w = [0u32; N];
-    for (i, word) in w.iter_mut().enumerate() {
-        // SAFETY: inside [data, data_end), checked above (see `parse_direct` on alignment).
-        *word = unsafe { *((data + at + 4 * i) as *const u32) };
-    }
+    let mut w = read_words::<N>(ctx, at)?;
     let new = words16(addr);
     let mut diff = 0u64;
     for (old, new) in w.iter_mut().zip(new) {
