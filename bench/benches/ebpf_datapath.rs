@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use ebpf_common::timing::{EmptyProgram, run_once_ns};
+use ebpf_common::timing::{EmptyProgram, pin_to_current_cpu, run_once_ns};
 use ebpf_common::{Bpffs, Frame, PortPlan, TestRun, plan_of};
 use proxy::backend::ebpf::kernel::{Kernel, ProgramSettings};
 use proxy::backend::ebpf::state::State;
@@ -62,6 +62,8 @@ fn timed(iters: u64, mut run: impl FnMut() -> u32) -> Duration {
 }
 
 fn per_packet(c: &mut Criterion) {
+    // Criterion times on this thread: one CPU for every row (see `pin_to_current_cpu`).
+    pin_to_current_cpu();
     let plan = plan_of(&ports(SERVICES));
     let (fs, kernel, _state) = loaded("bench_per_packet", &plan);
     let client = Ipv4Addr::new(10, 0, 1, 2);

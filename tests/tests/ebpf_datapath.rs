@@ -313,7 +313,8 @@ fn ten_thousand_services() -> Vec<PortPlan> {
 /// figures go to docs/ebpf.md); the bound is a sanity check, far above any real cost.
 #[test]
 fn a_program_run_costs_little_with_ten_thousand_services() {
-    use ebpf_common::timing::{EmptyProgram, interleaved_medians, run_once_ns};
+    use ebpf_common::timing::{EmptyProgram, interleaved_medians, pin_to_current_cpu, run_once_ns};
+    pin_to_current_cpu();
     let ports = ten_thousand_services();
     let (_fs, mut kernel) = load("per_packet", &ports);
     let (client, vip) = (v4("10.0.1.2"), v4("10.96.20.5"));
@@ -393,7 +394,8 @@ fn a_program_run_costs_little_with_ten_thousand_services() {
 /// Only printed (docs/ebpf.md), never asserted.
 #[test]
 fn repeated_runs_of_a_packet_that_stays_a_service_hit_with_ten_thousand_services() {
-    use ebpf_common::timing::{EmptyProgram, median};
+    use ebpf_common::timing::{EmptyProgram, median, pin_to_current_cpu};
+    let cpu = pin_to_current_cpu();
     let (a, b) = ("10.96.100.1", "10.96.100.2");
     let mut ports = ten_thousand_services();
     // Ports change too, as from a service port to a target port (one more checksum update).
@@ -450,7 +452,9 @@ fn repeated_runs_of_a_packet_that_stays_a_service_hit_with_ten_thousand_services
         }
     }
     let floor = median(&mut empty_samples);
-    println!("per packet with 10,000 services, median of {rounds} averages of {repeat} repeated runs:");
+    println!(
+        "per packet with 10,000 services, median of {rounds} averages of {repeat} repeated runs on CPU {cpu}:"
+    );
     println!("  empty program (harness floor): {floor} ns");
     for ((name, ..), s) in cases.iter().zip(samples.iter_mut()) {
         let m = median(s);
@@ -469,7 +473,8 @@ fn repeated_runs_of_a_packet_that_stays_a_service_hit_with_ten_thousand_services
 #[ignore = "a measuring tool; needs FERRY_EBPF_OBJECTS"]
 fn compare_objects() {
     use aya::programs::SchedClassifier;
-    use ebpf_common::timing::{EmptyProgram, median, run_prog_once_ns};
+    use ebpf_common::timing::{EmptyProgram, median, pin_to_current_cpu, run_prog_once_ns};
+    pin_to_current_cpu();
     let spec = std::env::var("FERRY_EBPF_OBJECTS").unwrap_or_default();
     let objects: Vec<(&str, &str)> = spec.split(',').filter_map(|o| o.split_once('=')).collect();
     assert!(!objects.is_empty(), "FERRY_EBPF_OBJECTS=name=path,… names the objects to compare");
