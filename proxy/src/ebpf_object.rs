@@ -2,8 +2,10 @@
 //!
 //! `build.rs` builds the `proxy-ebpf` crate for `bpfel-unknown-none` (see `cargo xtask setup`
 //! for the toolchain) and this module includes the result, so the `ferry` binary carries the
-//! exact programs it was built with. Load it with `aya::Ebpf::load(ebpf_object::BYTES)`;
-//! the program and map names, and the map key and value types, are in `proxy_common`.
+//! exact programs it was built with. Load it through `backend::ebpf::kernel` (`Kernel::load`,
+//! or `load_object` for the programs alone): its kfunc placeholder must be linked for the
+//! running kernel first (`backend::ebpf::kernel_skb`). The program and map names, and the map
+//! key and value types, are in `proxy_common`.
 
 /// The ELF object holding ferry's eBPF programs and maps, 8-byte aligned as aya's parser wants.
 pub static BYTES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-ebpf"));

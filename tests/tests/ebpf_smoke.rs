@@ -99,7 +99,7 @@ fn tc_ingress_counts_frontends_without_endpoints_misses_and_parse_errors() {
 /// from a thread inside it); the returned `Ebpf` keeps the link alive until dropped.
 fn load_and_attach(ns: &Netns, iface: &str) -> Ebpf {
     ns.run(|| {
-        let mut ebpf = Ebpf::load(proxy::ebpf_object::BYTES).expect("load the eBPF object");
+        let mut ebpf = proxy::backend::ebpf::kernel::load_object().expect("load the eBPF object");
         let program: &mut SchedClassifier = ebpf
             .program_mut(programs::TC_INGRESS)
             .expect("the object has the TC ingress program")

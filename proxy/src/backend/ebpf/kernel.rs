@@ -144,6 +144,16 @@ pub struct Kernel {
     checksums_in_program: bool,
 }
 
+/// ferry's embedded object loaded as the running kernel allows (placeholders linked, see
+/// [`super::kernel_skb`]), without pins or settings: for tests and tools that load the
+/// programs by hand. The raw `ebpf_object::BYTES` do not verify.
+pub fn load_object() -> Result<Ebpf, KernelError> {
+    let access = kernel_skb::probe(Path::new(kernel_skb::VMLINUX_BTF));
+    let mut loader = EbpfLoader::new();
+    let linked = link_object(&mut loader, crate::ebpf_object::BYTES, &access);
+    loader.load(linked.bytes()).map_err(|e| setup("loading the eBPF object", e))
+}
+
 /// Links `object`'s checksum-state placeholders for `access` (see [`super::kernel_skb`]) and
 /// sets the globals that go with them; logs which checksum path the programs take.
 pub fn link_object<'a>(
