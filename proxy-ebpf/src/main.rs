@@ -1378,7 +1378,7 @@ fn rewrite_ipv6_in_one_store<const N: usize>(
     let new = words16(addr);
     let mut diff = 0u64;
     for (old, new) in w.iter_mut().zip(new) {
-        diff += u64::from(!*old) + u64::from(new);
+        diff += u64::from(csum_diff4(*old, new));
         *old = new;
     }
     let shift = if dst { 16 } else { 0 };
@@ -1443,24 +1443,20 @@ fn csum_diff4(from: u32, to: u32) -> u32 {
 /// `to` (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')); every value as read from the packet.
 #[inline(always)]
 fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
-    let mut sum = u32::from(!check)
-        + u32::from(!(from as u16))
-        + u32::from(!((from >> 16) as u16))
-        + (to & 0xffff)
-        + (to >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+    !fold16(
+        u64::from(!check)
+            + u64::from(!(from as u16))
+            + u64::from(!((from >> 16) as u16))
+            + u64::from(to & 0xffff)
+            + u64::from(to >> 16),
+    )
 }
 
 /// An Internet checksum after one 16-bit word of the data it covers changed from `from` to
 /// `to` (RFC 1624, eqn. 3), every value as read from the packet.
 #[inline(always)]
 fn csum_replace2(check: u16, from: u16, to: u16) -> u16 {
-    let mut sum = u32::from(!check) + u32::from(!from) + u32::from(to);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+    !fold16(u64::from(!check) + u64::from(!from) + u64::from(to))
 }
 
 /// Rewrites one address and port with helper calls (any header layout, IPv6, SCTP), fixing

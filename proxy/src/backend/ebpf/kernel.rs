@@ -22,7 +22,6 @@ use proxy_common::{
 };
 
 use super::kernel_skb::{self, LinkedObject, NoAccess, SkbAccess};
-
 use super::maps::{Cidr, DataPathMaps, MapError, MapTable, OneValue, SourceRange, WordArray};
 use super::{MapSizes, TcHook};
 
